@@ -1,0 +1,37 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Both build .venv with the pinned torch pair first (torch/torchvision lie on the
+# machine's local package index; everything else comes from PyPI).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo compare test bench clean
+
+$(STAMP): setup.py requirements-pinned.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -r requirements-pinned.txt
+	# deepspeed's setup.py imports torch: build it against the torch just installed.
+	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.17,<0.20"
+	$(BIN)/pip install -q --no-build-isolation -e ".[all]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gmixout-finetune --config configs/experiments/demo.yaml
+
+compare: $(STAMP)
+	$(BIN)/gmixout-finetune --config configs/experiments/compare.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/optimizer_step.py
+	$(BIN)/python benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,140 @@
+"""The comparison table (Markdown, CSV, JSON) and the ID-vs-OOD scatter plot (PNG).
+
+Per method, over seeds: ID test accuracy, each OOD set, mean OOD (unweighted mean over the
+OOD sets), training wall time, peak memory growth during training (RSS sampled every 5 ms,
+see ``train.PeakRSS``), optimizer-state bytes (plus the method's own weight copies, e.g. the
+EMA weights), and the hyperparameters picked on ID validation. Accuracies are in percent,
+``mean ± std`` over seeds (sample std, ddof=1; 0 with one seed).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+
+ID_SET = "test"
+
+
+def _ms(values):
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(result: dict) -> list[dict]:
+    """One row per method (in the order run): mean and std over seeds of every figure."""
+    by_method = {}
+    for rec in result["runs"]:
+        by_method.setdefault(rec["method"], []).append(rec)
+    rows = []
+    for method, recs in by_method.items():
+        ood_names = [n for n in recs[0]["test"] if n not in (ID_SET, "val")]
+        row = {"method": method, "seeds": [r["seed"] for r in recs], "ood_sets": ood_names}
+        row["id"] = _ms(100 * r["test"][ID_SET] for r in recs) if ID_SET in recs[0]["test"] else (float("nan"), 0.0)
+        for n in ood_names:
+            row[n] = _ms(100 * r["test"][n] for r in recs)
+        row["mean_ood"] = _ms(100 * statistics.fmean(r["test"][n] for n in ood_names) for r in recs) if ood_names \
+            else (float("nan"), 0.0)
+        row["val"] = _ms(100 * r["val"] for r in recs)
+        row["wall_s"] = _ms(r["train_wall_s"] for r in recs)
+        row["peak_mem_mb"] = _ms(r["peak_mem_bytes"] / 2**20 for r in recs)
+        row["state_mb"] = _ms(r["state_bytes"] / 2**20 for r in recs)
+        row["trainable_params"] = recs[0]["trainable_params"]
+        row["chosen"] = result.get("selection", {}).get(method, {}).get("chosen", {})
+        alphas = [r["extra"]["wise_alpha"] for r in recs if "wise_alpha" in r.get("extra", {})]
+        if alphas:
+            row["wise_alpha"] = alphas
+        rows.append(row)
+    return rows
+
+
+def _short(name: str) -> str:
+    return name.replace("corruption:", "").replace(":3", "@3") if name.startswith("corruption:") else name
+
+
+def _fmt(ms, digits=1):
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    ood = rows[0]["ood_sets"] if rows else []
+    head = ["method", "ID", *map(_short, ood), "mean OOD", "train s", "peak MB", "state MB", "chosen on ID val"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or "defaults"
+        if "wise_alpha" in r:
+            chosen += f"; alpha={r['wise_alpha']}"
+        cells = [r["method"], _fmt(r["id"]), *(_fmt(r[n]) for n in ood), f"**{_fmt(r['mean_ood'])}**",
+                 f"{r['wall_s'][0]:.0f}", f"{r['peak_mem_mb'][0]:.0f}", f"{r['state_mb'][0]:.1f}", chosen]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    ood = rows[0]["ood_sets"] if rows else []
+    cols = ["id", *ood, "mean_ood", "val", "wall_s", "peak_mem_mb", "state_mb"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "n_seeds", *(f"{c}_{s}" for c in cols for s in ("mean", "std")), "trainable_params", "chosen"])
+        for r in rows:
+            w.writerow([r["method"], len(r["seeds"]), *(f"{x:.4f}" for c in cols for x in r[c]), r["trainable_params"],
+                        json.dumps(r["chosen"], sort_keys=True)])
+
+
+def plot(result: dict, rows: list[dict], path: str) -> None:
+    """ID (x) vs mean OOD (y): one small dot per seed, a marker with std error bars per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rows):
+        c = colors[i % len(colors)]
+        recs = [x for x in result["runs"] if x["method"] == r["method"]]
+        xs = [100 * x["test"][ID_SET] for x in recs]
+        ys = [100 * statistics.fmean(x["test"][n] for n in r["ood_sets"]) for x in recs]
+        ax.scatter(xs, ys, s=12, color=c, alpha=0.45, linewidths=0)
+        ax.errorbar(r["id"][0], r["mean_ood"][0], xerr=r["id"][1], yerr=r["mean_ood"][1], fmt="o", ms=7,
+                    color=c, capsize=3, label=f"{r['method']} ({len(recs)} seeds)")
+    ax.set_xlabel(f"ID accuracy (%) [{ID_SET}]")
+    ax.set_ylabel(f"mean OOD accuracy (%) over {len(rows[0]['ood_sets']) if rows else 0} sets")
+    ax.set_title(result.get("config", {}).get("name", "comparison") + ": mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(result: dict, out_dir: str) -> dict:
+    """Write results.md, results.csv, summary.json and id_vs_ood.png into ``out_dir``."""
+    rows = summarize(result)
+    os.makedirs(out_dir, exist_ok=True)
+    cfg, machine = result.get("config", {}), result.get("machine", {})
+    tr = cfg.get("train", {})
+    md = [f"# {cfg.get('name', 'comparison')}", "",
+          f"Model `{cfg.get('model')}` at {cfg.get('image_size')} px, {tr.get('steps')} steps of batch "
+          f"{tr.get('batch_size')}, seeds {cfg.get('seeds')}; accuracies in %, mean ± std over seeds; "
+          "hyperparameters chosen on the ID validation split only.", "",
+          markdown_table(rows), "",
+          "`train s`: training wall time (incl. the method's finish step). `peak MB`: peak RSS growth during "
+          "training, sampled every 5 ms. `state MB`: optimizer state plus the method's extra weight copies "
+          "(EMA weights; Mixout's anchor).", "",
+          f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs ({machine.get('torch_threads')} torch "
+          f"threads), {machine.get('platform')}, torch {machine.get('torch')}, timm {machine.get('timm')}. "
+          f"Total wall time {result.get('total_wall_s', 0) / 60:.1f} min.", ""]
+    sel = result.get("selection", {})
+    if sel:
+        md.append("ID-val search (val accuracy per candidate):")
+        for m, s in sel.items():
+            md.append(f"- {m}: " + "; ".join(f"{c or 'defaults'} -> {100 * v:.1f}" for c, v in s["val_by_candidate"]))
+        md.append("")
+    md.append("![ID vs OOD](id_vs_ood.png)")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    write_csv(rows, os.path.join(out_dir, "results.csv"))
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"rows": rows, "machine": machine, "selection": sel}, f, indent=1)
+    plot(result, rows, os.path.join(out_dir, "id_vs_ood.png"))
+    return {"rows": rows}

@@ -1,0 +1,173 @@
+"""One fine-tuning run: build, train for a fixed step budget, finish, score on ID val, save.
+
+The learning rate follows a linear warmup over ``warmup_frac`` of the steps, then a cosine
+decay to 0: ``lr_t = lr * min(t/w, 1) * 0.5 * (1 + cos(pi * max(t-w, 0)/(T-w)))``. It is set
+directly in ``param_groups`` (works for any optimizer exposing them, wrappers included).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as D
+from .evaluate import accuracy
+from .methods import make_method
+from .models import build_model
+
+
+class PeakRSS:
+    """Peak resident memory growth over a block: ``max(RSS) - RSS at entry``, in bytes.
+
+    RSS is read from /proc/self/statm every ``interval`` s by a daemon thread (Linux). Unlike
+    ``ru_maxrss`` (a process-lifetime maximum) this gives a figure per run inside one process;
+    tracemalloc would miss torch's allocations, which bypass Python's allocator.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_bytes = interval, 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # not Linux: fall back to the lifetime peak
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._start = self._max = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._max, self._rss()) - self._start
+        return False
+
+
+def lr_factor(step: int, total: int, warmup_frac: float) -> float:
+    warm = max(int(total * warmup_frac), 1)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+class _Tools:
+    """What ``Method.finish`` may use: ID validation accuracy and BN re-estimation on ID train."""
+
+    def __init__(self, val, train_batches, bn_batches):
+        self.val, self.train_batches, self.bn_batches = val, train_batches, bn_batches
+
+    def val_accuracy(self, model):
+        return accuracy(model, *self.val)
+
+    @torch.no_grad()
+    def recalibrate_bn(self, model):
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+        was = model.training
+        model.train()
+        for _ in range(self.bn_batches):
+            model(self.train_batches.next()[0])
+        model.train(was)
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+def load_id_tensors(cfg: dict, mean, std) -> dict:
+    """ID train (optionally subset) and val tensors at the model's input size."""
+    d = cfg.get("data", {})
+    splits = D.load_mnist_splits(d.get("seed", 0), d.get("n_val", 500), d.get("n_test", 1000))
+    xt, yt = splits["train"]
+    if d.get("n_train"):
+        xt, yt = xt[:int(d["n_train"])], yt[:int(d["n_train"])]
+    xv, yv = splits["val"]
+    size = cfg["image_size"]
+    return {"train": (D.to_model_input(xt, size, mean, std), torch.from_numpy(yt)),
+            "val": (D.to_model_input(xv, size, mean, std), torch.from_numpy(yv))}
+
+
+def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: str,
+              progress: bool = True) -> dict:
+    """Train one (method, hyperparameters, seed); save ``model.pt`` + ``run.json`` in ``run_dir``.
+
+    Returns the run record (also in run.json): hyperparameters, ID val accuracy, wall time of
+    training, peak memory growth, optimizer-state bytes, method extras (e.g. WiSE alpha).
+    """
+    from tqdm.auto import tqdm
+
+    tr = cfg.get("train", {})
+    torch.manual_seed(seed)
+    model, info = build_model(cfg["model"], cfg.get("num_classes", 10), cfg.get("pretrained"),
+                              D.CLASS_NAMES, head_seed=seed)
+    id_data = load_id_tensors(cfg, info.mean, info.std)
+    batches = D.TensorBatches(*id_data["train"], tr.get("batch_size", 32), seed, tr.get("augment", False))
+    method = make_method(method_name, overrides, seed)
+    steps, warmup = int(tr.get("steps", 100)), float(tr.get("warmup_frac", 0.1))
+
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        net = method.setup(model, info.head_names)
+        opt = method.make_optimizer(net)
+        base = [g["lr"] for g in opt.param_groups]
+        net.train()
+        bar = tqdm(range(steps), desc=f"{method_name} seed {seed}", disable=not progress, leave=False)
+        for step in bar:
+            for g, lr in zip(opt.param_groups, base):
+                g["lr"] = lr * lr_factor(step, steps, warmup)
+            x, y = batches.next()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            method.after_step(net)
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        state_bytes = method.state_bytes()
+        tools = _Tools(id_data["val"], batches, int(tr.get("bn_batches", 10)))
+        final = method.finish(net, tools)
+        if tr.get("recalibrate_bn", False):  # same treatment for every method when switched on
+            tools.recalibrate_bn(final)
+    wall = time.perf_counter() - t0
+
+    record = {
+        "method": method_name, "seed": seed, "hp": method.hp, "overrides": dict(overrides or {}),
+        "val": accuracy(final, *id_data["val"]), "train_wall_s": wall, "steps": steps,
+        "peak_mem_bytes": mem.peak_bytes, "state_bytes": state_bytes,
+        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "extra": method.extra,
+        "model": {"name": cfg["model"], "num_classes": cfg.get("num_classes", 10),
+                  "pretrained": cfg.get("pretrained"), "class_names": list(D.CLASS_NAMES),
+                  "image_size": cfg["image_size"], "mean": list(info.mean), "std": list(info.std)},
+        "data": cfg.get("data", {}),
+    }
+    os.makedirs(run_dir, exist_ok=True)
+    torch.save(final.state_dict(), os.path.join(run_dir, "model.pt"))
+    write_record(run_dir, record)
+    return record
+
+
+def write_record(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)

@@ -1,0 +1,46 @@
+"""Small helpers shared by the per-op launchers."""
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import HAS_TRITON, tl
+
+BLOCK = 16384  # elements per Triton program: the interpreter costs ~10 ms a program, a GPU does not mind
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for weights: fp32 for 16/32-bit tensors, fp64 if any is fp64 (torch promotion)."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def tl_dtype(d: torch.dtype):
+    """The Triton dtype of a torch compute dtype (fp32 or fp64)."""
+    if not HAS_TRITON:  # pragma: no cover
+        raise RuntimeError("triton is not importable")
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[d]
+
+
+def grid(count: int) -> tuple[int]:
+    return ((count + BLOCK - 1) // BLOCK,)
+
+
+if HAS_TRITON:
+    from ._dispatch import triton
+
+    @triton.jit
+    def cast_to(x, DT: tl.constexpr):
+        """``x.to(DT)`` rounding to nearest even for bf16 too, on every device.
+
+        Triton's own fp32->bf16 cast rounds to nearest even on a GPU but truncates in the
+        interpreter; doing the rounding on the bits gives torch's result in both (NaN -> 0x7FC0).
+        """
+        if DT == tl.bfloat16:
+            b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            r = tl.where(x != x, 0x7FC0, r)
+            return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DT)

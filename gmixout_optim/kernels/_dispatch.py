@@ -1,0 +1,77 @@
+"""Backend selection shared by every kernel op.
+
+Rule: a call goes to Triton when the backend is ``"triton"``, or when it is ``"auto"`` and
+the tensor is on CUDA and Triton imports; everything else takes the PyTorch path.
+The backend is set by :func:`set_backend` or, at import, the ``GMIXOUT_BACKEND`` variable.
+Forcing ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before Triton is
+imported (that is how the tests run the kernels without a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+try:  # Triton is an optional extra: the PyTorch path works without it.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# Read once, at import, like the kernels' own decoration (triton.jit checks it then too).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _check(os.environ.get("GMIXOUT_BACKEND", "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel backend: ``"auto"`` (CUDA -> Triton, else PyTorch), ``"torch"`` or ``"triton"``."""
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> str:
+    """The backend set by :func:`set_backend` (or ``GMIXOUT_BACKEND``)."""
+    return _backend
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` runs the Triton kernel under the current backend."""
+    if _backend == "torch":
+        return False
+    if _backend == "auto":
+        return HAS_TRITON and t.is_cuda
+    if not HAS_TRITON:
+        raise RuntimeError("backend 'triton' was forced but triton is not importable; "
+                           "install the 'triton' extra or use set_backend('auto'|'torch')")
+    if not t.is_cuda and not INTERPRET:
+        raise RuntimeError(f"backend 'triton' on {t.device.type} tensors needs TRITON_INTERPRET=1 "
+                           "set before triton is imported; use set_backend('torch') instead")
+    return True
+
+
+def check_flat(name: str, t: torch.Tensor) -> None:
+    """Kernels address tensors as flat, stride-1 arrays (an offset view of a bigger one is fine)."""
+    if t.dim() != 1 or (t.numel() > 1 and t.stride(0) != 1):
+        raise ValueError(f"{name} must be a 1-D contiguous tensor (a flat view), "
+                         f"got shape {tuple(t.shape)} stride {tuple(t.stride())}")
+
+
+def check_n(n: int, support: torch.Tensor) -> int:
+    n = int(n)
+    if not 0 <= n <= support.numel():
+        raise ValueError(f"n must be in [0, {support.numel()}] (the support's capacity), got {n}")
+    return n

@@ -1,0 +1,151 @@
+"""Support draw: which local elements of a tensor train in an episode.
+
+Element at global offset ``g`` of segment ``(start, length, key, offset)`` is in the
+support ``S`` of episode ``e`` iff ``philox_uniform(philox_seed(seed, key, e), g) < keep``
+(``keep`` compared in fp32 on both paths). Its local index is ``start + g - offset``.
+``S`` is returned sorted, padded with -1 to ``capacity``. If more than ``capacity``
+elements are drawn, the first ``capacity`` are stored and the true count ``n > capacity``
+is returned: the caller must check ``n <= capacity`` (and grow or raise).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ._dispatch import HAS_TRITON, tl, triton, use_triton
+from .philox import philox_seed, philox_uniform_torch
+
+_CHUNK = 1 << 20  # elements per PyTorch chunk: bounds the int64 temporaries (~8 MiB each)
+_BLOCK = 16384    # elements per Triton program (large: the interpreter costs ~10 ms a program)
+
+
+class Segment(NamedTuple):
+    """Local positions ``[start, start+length)`` hold global elements ``[offset, offset+length)``
+    of the logical tensor ``key``."""
+    start: int
+    length: int
+    key: int
+    offset: int
+
+
+def support_capacity(numel: int, keep: float) -> int:
+    """Fixed support buffer size: ``min(numel, ceil(numel*keep + 6*sqrt(numel*keep*(1-keep))) + 16)``."""
+    return min(numel, math.ceil(numel * keep + 6 * math.sqrt(numel * keep * (1 - keep))) + 16)
+
+
+def _check_segments(segments: Sequence[Segment]) -> list[Segment]:
+    segs = []
+    for s in segments:
+        s = Segment(*(operator.index(x) for x in s))
+        if s.start < 0 or s.length < 0 or s.key < 0 or s.offset < 0:
+            raise ValueError(f"segment fields must be >= 0, got {s}")
+        if s.length:
+            segs.append(s)
+    segs.sort(key=lambda s: s.start)
+    for a, b in zip(segs, segs[1:]):
+        if a.start + a.length > b.start:
+            raise ValueError(f"segments overlap: {a} and {b}")
+    return segs
+
+
+def _check_keep(keep: float) -> float:
+    keep = float(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep (= 1 - p) must be in (0, 1], got {keep}")
+    return keep
+
+
+def _index_dtype(segs: list[Segment], index_dtype) -> torch.dtype:
+    if index_dtype is not None:
+        return index_dtype
+    end = max((s.start + s.length for s in segs), default=0)
+    return torch.int32 if end <= 2**31 else torch.int64
+
+
+def draw_support_torch(segments, seed, episode, keep, capacity, device, index_dtype=None):
+    """PyTorch draw, in chunks of ``2^20`` elements. Returns ``(support, n)``."""
+    segs, keep = _check_segments(segments), _check_keep(keep)
+    capacity = operator.index(capacity)
+    idt = _index_dtype(segs, index_dtype)
+    support = torch.full((capacity,), -1, dtype=idt, device=device)
+    keep32 = torch.tensor(keep, dtype=torch.float32, device=device)
+    n = 0
+    for s in segs:
+        s64 = philox_seed(seed, s.key, episode)
+        for c in range(0, s.length, _CHUNK):
+            i = torch.arange(c, min(c + _CHUNK, s.length), dtype=torch.int64, device=device)
+            hit = i[philox_uniform_torch(s64, i + s.offset) < keep32] + s.start
+            m = hit.numel()
+            if n < capacity:
+                take = min(m, capacity - n)
+                support[n:n + take] = hit[:take].to(idt)
+            n += m
+    return support, n
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _count_kernel(blk_global, blk_len, blk_seed, counts, keep, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        g0 = tl.load(blk_global + b)
+        ln = tl.load(blk_len + b)
+        seed = tl.load(blk_seed + b)
+        j = tl.arange(0, BLOCK)
+        hit = (tl.rand(seed, g0 + j) < keep) & (j < ln)
+        tl.store(counts + b, tl.sum(hit.to(tl.int32), axis=0))
+
+    @triton.jit
+    def _write_kernel(blk_global, blk_local, blk_len, blk_seed, blk_out, support, capacity, keep,
+                      BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        g0 = tl.load(blk_global + b)
+        l0 = tl.load(blk_local + b)
+        ln = tl.load(blk_len + b)
+        seed = tl.load(blk_seed + b)
+        base = tl.load(blk_out + b)
+        j = tl.arange(0, BLOCK)
+        hit = (tl.rand(seed, g0 + j) < keep) & (j < ln)
+        pos = base + tl.cumsum(hit.to(tl.int64), axis=0) - 1  # rank of each hit: keeps order
+        tl.store(support + pos, (l0 + j).to(support.dtype.element_ty), mask=hit & (pos < capacity))
+
+
+def draw_support_triton(segments, seed, episode, keep, capacity, device, index_dtype=None):
+    """Triton draw: count hits per block, exclusive-scan the counts, write each block's hits."""
+    segs, keep = _check_segments(segments), _check_keep(keep)
+    capacity = operator.index(capacity)
+    idt = _index_dtype(segs, index_dtype)
+    support = torch.full((capacity,), -1, dtype=idt, device=device)
+    if not segs:
+        return support, 0
+    # One row per block of one segment (built on the host: segments are few).
+    g, l, ln, sd = [], [], [], []
+    for s in segs:
+        nb = triton.cdiv(s.length, _BLOCK)
+        j = torch.arange(nb, dtype=torch.int64) * _BLOCK
+        g.append(j + s.offset)
+        l.append(j + s.start)
+        ln.append((s.length - j).clamp(max=_BLOCK).to(torch.int32))
+        sd.append(torch.full((nb,), philox_seed(seed, s.key, episode), dtype=torch.int64))
+    g, l, ln, sd = (torch.cat(x).to(device) for x in (g, l, ln, sd))
+    nblk = g.numel()
+    counts = torch.empty(nblk, dtype=torch.int32, device=device)
+    _count_kernel[(nblk,)](g, ln, sd, counts, keep, BLOCK=_BLOCK, num_warps=8)
+    ends = torch.cumsum(counts.to(torch.int64), 0)
+    starts = ends - counts
+    _write_kernel[(nblk,)](g, l, ln, sd, starts, support, capacity, keep, BLOCK=_BLOCK, num_warps=8)
+    return support, int(ends[-1])
+
+
+def draw_support(segments, seed, episode, keep, capacity, device, index_dtype=None):
+    """Draw the sorted support of ``episode``; returns ``(support, n)`` (see the module docstring).
+
+    ``index_dtype`` defaults to int32, or int64 when a local index reaches 2^31.
+    """
+    probe = torch.empty(0, device=device)
+    if use_triton(probe):
+        return draw_support_triton(segments, seed, episode, keep, capacity, device, index_dtype)
+    return draw_support_torch(segments, seed, episode, keep, capacity, device, index_dtype)
