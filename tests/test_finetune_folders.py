@@ -103,6 +103,16 @@ def test_imagenet_bad_names_and_fallback_class_names(tmp_path):
     assert b.class_names == WNIDS and b.class_subsets == {"imagenet-a": A_IDX}
 
 
+def test_imagenet_full_1000_classes_get_clip_names(tmp_path):
+    from open_clip import IMAGENET_CLASSNAMES
+
+    root = _imagenet_root(tmp_path)
+    for i in range(12, 1000):  # only the wnid list is read when train/ itself is not asked for
+        (root / "train" / f"n{1000 + 7 * i:08d}").mkdir()
+    b = load_benchmark("imagenet", root, ToTensor(), split_names=["imagenet-r"])
+    assert b.class_names == list(IMAGENET_CLASSNAMES) and b.class_subsets == {"imagenet-r": R_IDX}
+
+
 # --------------------------------------------------------------------------------- ImageNet-LT
 
 LT_COUNTS = [101, 100, 20, 19, 1]  # many | medium (both edges) | few

@@ -68,7 +68,8 @@ LAYOUTS = {
 |-- imagenet-a/<wnid>/*.jpg   ImageNet-A (200 of the wnids)
 |-- sketch/<wnid>/*.JPEG      ImageNet-Sketch (all wnids)
 `-- LOC_synset_mapping.txt    optional class names: "<wnid> <name>, <synonym>, ..." per line
-                              (or torchvision's meta.bin)""",
+                              (or torchvision's meta.bin); with all 1000 classes CLIP's curated
+                              names from open_clip are used instead""",
     "imagenet-lt": """\
 <root>/                       an ImageNet root (same train/ and val/ as for "imagenet")
 |-- ImageNet_LT_train.txt     "<path relative to root> <label>" per line, e.g.
@@ -209,8 +210,17 @@ def _names_from_paths(samples: list, num_classes: int, source: str) -> list:
 # ------------------------------------------------------------------------------ ImageNet family
 
 def _imagenet_names(root: Path, wnids: list) -> list:
-    """Readable names for CLIP prompts: LOC_synset_mapping.txt, else torchvision's meta.bin,
-    else the wnids themselves (with a warning: zero-shot heads from wnids are meaningless)."""
+    """Readable names for CLIP prompts. The full 1000 classes: CLIP's curated ImageNet names
+    (shipped with open_clip, in the sorted-wnid order; they give far better zero-shot heads than
+    WordNet lemmas). Otherwise LOC_synset_mapping.txt, else torchvision's meta.bin, else the
+    wnids themselves (with a warning: zero-shot heads built from wnids are meaningless)."""
+    if len(wnids) == 1000:
+        try:
+            from open_clip import IMAGENET_CLASSNAMES
+
+            return list(IMAGENET_CLASSNAMES)
+        except ImportError:  # open_clip is optional; fall through to the files
+            pass
     mapping = root / "LOC_synset_mapping.txt"
     if mapping.exists():
         table = {}

@@ -1,0 +1,112 @@
+"""Support draw: Triton against the PyTorch reference, and the draw's own properties."""
+import math
+
+import pytest
+import torch
+
+from gmixout_optim.kernels import support as sp
+from gmixout_optim.kernels.philox import philox_seed, philox_uniform_torch
+from gmixout_optim.kernels.support import Segment, support_capacity
+from gmixout_optim.kernels.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CASES = {
+    "empty": [],
+    "zero_length": [Segment(0, 0, 0, 0)],
+    "one": [Segment(0, 1, 0, 0)],
+    "block_plus_one": [Segment(0, 16385, 3, 0)],
+    "offset_past_2^32": [Segment(7, 30001, 1, 2**32 - 12345)],
+    # ZeRO-3 style: pieces of several keys in one flat tensor, given out of order, with gaps
+    "pieces": [Segment(40000, 9000, 5, 123), Segment(0, 16383, 2, 0), Segment(20000, 17, 9, 2**31 - 3)],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("keep", [0.1, 0.5])
+def test_triton_draw_equals_torch(name, keep):
+    segs = CASES[name]
+    numel = max((s.start + s.length for s in segs), default=0)
+    cap = support_capacity(numel, keep)
+    ref, n_ref = sp.draw_support_torch(segs, 11, 3, keep, cap, DEVICE)
+    out, n = sp.draw_support_triton(segs, 11, 3, keep, cap, DEVICE)
+    assert n == n_ref
+    assert_close(out, ref, "exact", f"support {name}")
+
+
+def test_reference_follows_the_definition():
+    # Element g of segment (start, length, key, offset) is in S iff philox_uniform(...) < keep.
+    segs = CASES["pieces"]
+    keep, seed, ep = 0.3, 5, 2
+    expected = []
+    for s in sorted(segs):
+        u = philox_uniform_torch(philox_seed(seed, s.key, ep), torch.arange(s.length) + s.offset)
+        expected.append(torch.nonzero(u < torch.tensor(keep)).flatten() + s.start)
+    expected = torch.cat(expected)
+    support, n = sp.draw_support_torch(segs, seed, ep, keep, 30000, "cpu")
+    assert n == expected.numel()
+    assert torch.equal(support[:n].long(), expected) and bool((support[n:] == -1).all())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_sharded_draw_matches_unsharded(impl):
+    # Two shards of one logical tensor draw exactly the pieces of the unsharded support.
+    draw = getattr(sp, f"draw_support_{impl}")
+    numel, keep, cut = 50000, 0.2, 17001
+    full, nf = draw([Segment(0, numel, 4, 0)], 1, 0, keep, numel, DEVICE)
+    a, na = draw([Segment(0, cut, 4, 0)], 1, 0, keep, cut, DEVICE)
+    b, nb = draw([Segment(0, numel - cut, 4, cut)], 1, 0, keep, numel - cut, DEVICE)
+    assert na + nb == nf
+    assert torch.equal(torch.cat([a[:na], b[:nb] + cut]), full[:nf])
+
+
+def test_fraction_within_binomial_bounds_and_episodes_independent():
+    numel, keep = 200000, 0.1
+    cap = support_capacity(numel, keep)
+    sd = math.sqrt(numel * keep * (1 - keep))
+    masks = []
+    for ep in range(3):
+        s, n = sp.draw_support_torch([Segment(0, numel, 0, 0)], 0, ep, keep, cap, "cpu")
+        assert abs(n - numel * keep) < 6 * sd and n <= cap
+        assert bool((s[1:n] > s[:n - 1]).all()), "support must be sorted and unique"
+        m = torch.zeros(numel, dtype=torch.bool)
+        m[s[:n].long()] = True
+        masks.append(m)
+    # independent redraws overlap on ~keep^2 of the elements (binomial, 6 sd)
+    both = (masks[0] & masks[1]).sum().item()
+    assert abs(both - numel * keep**2) < 6 * math.sqrt(numel * keep**2)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_overflow_returns_true_count_and_truncates(impl):
+    draw = getattr(sp, f"draw_support_{impl}")
+    full, n = draw([Segment(0, 40000, 1, 0)], 2, 0, 0.5, 40000, DEVICE)
+    small, n2 = draw([Segment(0, 40000, 1, 0)], 2, 0, 0.5, 100, DEVICE)
+    assert n2 == n > 100
+    assert torch.equal(small, full[:100])
+
+
+def test_index_dtype():
+    s32, _ = sp.draw_support_torch([Segment(0, 10, 0, 0)], 0, 0, 0.5, 10, "cpu")
+    s64, _ = sp.draw_support_torch([Segment(2**31 - 5, 10, 0, 0)], 0, 0, 0.5, 10, "cpu")
+    forced, _ = sp.draw_support_triton([Segment(0, 20000, 0, 0)], 0, 0, 0.5, 20000, DEVICE,
+                                       index_dtype=torch.int64)
+    ref, _ = sp.draw_support_torch([Segment(0, 20000, 0, 0)], 0, 0, 0.5, 20000, DEVICE)
+    assert s32.dtype == torch.int32 and s64.dtype == torch.int64 and forced.dtype == torch.int64
+    assert torch.equal(forced, ref.long())
+
+
+@pytest.mark.parametrize("segs,keep,match", [
+    ([Segment(0, 10, 0, 0), Segment(5, 10, 1, 0)], 0.5, "overlap"),
+    ([Segment(0, -1, 0, 0)], 0.5, ">= 0"),
+    ([Segment(0, 10, 0, 0)], 0.0, "keep"),
+    ([Segment(0, 10, 0, 0)], 1.5, "keep"),
+])
+def test_bad_input_is_rejected(segs, keep, match):
+    with pytest.raises(ValueError, match=match):
+        sp.draw_support(segs, 0, 0, keep, 10, "cpu")
+
+
+def test_capacity_formula():
+    assert support_capacity(0, 0.1) == 0 and support_capacity(10, 0.1) == 10
+    assert support_capacity(10**6, 0.1) == math.ceil(1e5 + 6 * math.sqrt(1e6 * 0.09)) + 16
