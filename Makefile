@@ -14,7 +14,7 @@ $(STAMP): setup.py requirements-pinned.txt
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -r requirements-pinned.txt
 	# deepspeed's setup.py imports torch: build it against the torch just installed.
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.17,<0.20"
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q --no-build-isolation -e ".[all]"
 	touch $(STAMP)
 

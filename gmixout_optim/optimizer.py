@@ -334,9 +334,11 @@ class GMixoutOptimizer(Optimizer):
             n = self._support_size[w]
             flags.append(torch.isfinite(w.grad.view(-1)[st["support"][:n].long()]).all())
         flags += [torch.isfinite(w.grad).all() for w in dense]
-        if not flags:
-            return True
-        return bool(torch.stack([f.cpu() for f in flags]).all())
+        by_device: dict[torch.device, list] = defaultdict(list)
+        for flag in flags:
+            by_device[flag.device].append(flag)
+        # One host sync per device, not one per tensor.
+        return all(bool(torch.stack(fs).all()) for fs in by_device.values())
 
     def _support_anchor(self, w: torch.Tensor, group: dict) -> torch.Tensor:
         st = self._state[w]

@@ -1,0 +1,489 @@
+"""GMixout inside DeepSpeed (ZeRO stages 0-3, fp32/bf16, optimizer offload).
+
+Two routes, both ending in the same optimizer class, :class:`DeepSpeedGMixout`:
+
+* JSON config: call :func:`register` on every rank before ``deepspeed.initialize``, then
+  ``{"optimizer": {"type": "GMixout", "params": {"inner": "AdamW", "lr": 1e-5, "p": 0.9, ...}}}``.
+* client optimizer: ``deepspeed.initialize(model, optimizer=DeepSpeedGMixout(groups, ...))``
+  or ``optimizer=client_optimizer(...)`` (a callable ``f(model_parameters)``).
+
+Where the supports come from. ZeRO hands the optimizer flat fp32 tensors instead of
+parameters; a support must be drawn from where each element sits in the logical model
+(``GMixoutOptimizer.set_locator``), or sharding would change the training. The locator
+installed here maps a tensor ``W`` of param group ``g`` to segments:
+
+* stage 0 (``W`` is a model parameter ``j`` of group ``g``): one segment, key = the
+  parameter's position over all groups (the plain optimizer's default key), offset 0;
+* ZeRO-1/2 (``W`` is rank ``r``'s slice of group ``g`` flattened, ``|W| = n``): one
+  segment ``(0, n, key=g, offset=r*n)``. Group ``g`` is flattened in parameter order with
+  padding only at its end, so element offsets, hence supports, do not depend on the world
+  size (``round_robin_gradients`` would break this and is refused by :func:`check_config`);
+* ZeRO-3 (``W`` is a sub-group: the concatenated rank-``r`` pieces of parameters
+  ``j0..j1``, each piece ``ceil(numel/world)`` long): one segment per parameter piece,
+  key = the parameter's position as in stage 0, offset = ``r * piece_length``; padding is
+  in no segment, so it is never trained. ZeRO-3 and stage 0 therefore draw the supports
+  of the plain, unsharded optimizer.
+
+Episodes count training steps: ZeRO calls ``step()`` once per group (ZeRO-1/2) or per
+sub-group (ZeRO-3) per training step, always on a different tensor, and the core keeps
+its counters per tensor. Steps that DeepSpeed skips on overflow never reach the optimizer;
+non-finite gradients that do reach it are skipped by the core (``skip_nonfinite``).
+
+Weights outside ``step()``: :func:`finalize`, :func:`consolidate` and :func:`anchor_weights`
+work on the fp32 master partitions and copy them back into the model's (16-bit) weights.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import json
+import math
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from gmixout_optim import GMixoutOptimizer, Segment
+from gmixout_optim.optimizer import MERGE_RULES, STATE_POLICIES
+
+__all__ = [
+    "DeepSpeedGMixout", "register", "unregister", "is_registered", "client_optimizer",
+    "check_config", "install_locator", "zero12_layout_locator", "finalize", "consolidate",
+    "anchor_weights", "load_checkpoint", "gmixout_optimizer", "build_comm_op",
+]
+
+NAME = "GMixout"
+_GMIXOUT_ARGS = ("inner", "p", "ema_decay", "resample_every", "merge", "state_policy", "seed", "skip_nonfinite")
+
+
+# -- the optimizer class and its locator -------------------------------------------------
+
+class DeepSpeedGMixout(GMixoutOptimizer):
+    """``GMixoutOptimizer`` with the DeepSpeed locator installed (see the module docstring).
+
+    Build it before ``deepspeed.initialize`` (DeepSpeed does so for the config route):
+    the locator records each param group's parameters while they are still the model's.
+    """
+
+    def __init__(self, params: Any, inner: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, inner, **kwargs)
+        install_locator(self)
+
+
+def install_locator(opt: GMixoutOptimizer) -> None:
+    """Install the DeepSpeed locator on ``opt``; call before ``deepspeed.initialize``."""
+    groups = list(opt.param_groups)
+    owners: list[list[torch.Tensor]] = []
+    for gi, group in enumerate(groups):
+        for t in group["params"]:
+            if hasattr(t, "ds_id") and not hasattr(t, "ds_tensor"):
+                raise RuntimeError(f"param group {gi} already holds DeepSpeed flat partitions: install the "
+                                   "locator (build the optimizer) before deepspeed.initialize")
+        owners.append(list(group["params"]))
+    first_key = [sum(len(o) for o in owners[:g]) for g in range(len(owners))]
+
+    def group_of(gi: int) -> int:
+        group = opt.param_groups[gi]
+        for g, known in enumerate(groups):
+            if known is group:  # ZeRO-1/2 shows one group at a time: find it by identity
+                return g
+        raise RuntimeError(f"param group {gi} was not in the optimizer when its locator was installed")
+
+    def locate(w: torch.Tensor, gi: int, i: int) -> list[Segment]:
+        g = group_of(gi)
+        params = owners[g]
+        for j, prm in enumerate(params):
+            if prm is w:  # stage 0: the optimizer steps the model's own parameters
+                return [Segment(0, w.numel(), first_key[g] + j, 0)]
+        ds_id = getattr(w, "ds_id", None)
+        if isinstance(ds_id, str):  # ZeRO-3 sub-group "firstid_lastid"
+            return _zero3_segments(w, ds_id, params, first_key[g], g)
+        return _zero12_segments(w, g, params)
+
+    opt.set_locator(locate)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _zero12_segments(w: torch.Tensor, g: int, params: list[torch.Tensor]) -> list[Segment]:
+    # All ZeRO-1/2 partitions of a group have the same length; rank r holds [r*n, (r+1)*n).
+    n = w.numel()
+    total = sum(p.numel() for p in params if p.requires_grad)
+    rank = _rank()
+    if w.dim() != 1 or rank * n >= max(total, 1) + 64 * n:
+        raise RuntimeError(f"param group {g}: tensor of shape {tuple(w.shape)} is neither a parameter nor a "
+                           f"ZeRO-1/2 flat partition of this group ({total} elements, rank {rank})")
+    return [Segment(0, n, g, rank * n)]
+
+
+def _zero3_segments(w: torch.Tensor, ds_id: str, params: list[torch.Tensor], first_key: int,
+                    g: int) -> list[Segment]:
+    first, last = (int(x) for x in ds_id.split("_"))
+    ids = [getattr(p, "ds_id", None) for p in params]
+    if first not in ids or last not in ids:
+        raise RuntimeError(f"ZeRO-3 sub-group {ds_id} does not belong to param group {g}")
+    j0, j1 = ids.index(first), ids.index(last)
+    segments, start = [], 0
+    for j in range(j0, j1 + 1):
+        p = params[j]
+        piece = p.partition_numel()
+        rank = getattr(p, "ds_zero_partition_rank", None)
+        rank = _rank() if rank is None else rank
+        length = max(0, min(piece, p.ds_numel - rank * piece))
+        if length:
+            segments.append(Segment(start, length, first_key + j, rank * piece))
+        start += piece
+    if start != w.numel():
+        raise RuntimeError(f"ZeRO-3 sub-group {ds_id}: pieces add up to {start} elements, "
+                           f"the flat tensor has {w.numel()}")
+    return segments
+
+
+def zero12_layout_locator(opt: GMixoutOptimizer) -> Callable[[torch.Tensor, int, int], list[Segment]]:
+    """Locator for a plain (unsharded) optimizer that draws ZeRO-1/2's supports.
+
+    Parameter ``j`` of group ``g`` gets ``Segment(0, numel, key=g, offset=sum of the
+    numels before it in g)``: the element offsets of DeepSpeed's flattened group. Use it to
+    reproduce a ZeRO-1/2 run on one device (``opt.set_locator(zero12_layout_locator(opt))``).
+    """
+    offsets = []
+    for group in opt.param_groups:
+        acc, offs = 0, []
+        for p in group["params"]:
+            offs.append(acc)
+            acc += p.numel()
+        offsets.append(offs)
+    return lambda w, gi, i: [Segment(0, w.numel(), gi, offsets[gi][i])]
+
+
+# -- registration (the one patch) -------------------------------------------------------
+
+def register(name: str = NAME) -> type:
+    """Make ``{"optimizer": {"type": name}}`` resolve to :class:`DeepSpeedGMixout`.
+
+    THIS IS THE ONLY PATCHING THIS LIBRARY DOES. DeepSpeed has no optimizer registry: a
+    config type outside its own names is looked up as ``getattr(torch.optim, type)`` (case-
+    sensitive), so this sets the attribute ``torch.optim.<name>``, nothing else. Call it on
+    every rank (e.g. at import time of the training script) before ``deepspeed.initialize``.
+    Idempotent; :func:`unregister` removes it. Refuses to shadow an existing torch.optim name.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be a Python identifier, got {name!r}")
+    current = getattr(torch.optim, name, None)
+    if current is DeepSpeedGMixout:
+        return DeepSpeedGMixout
+    if current is not None:
+        raise ValueError(f"torch.optim.{name} already exists ({current!r}); register under another name")
+    setattr(torch.optim, name, DeepSpeedGMixout)
+    return DeepSpeedGMixout
+
+
+def unregister(name: str = NAME) -> None:
+    """Undo :func:`register` (a no-op when ``torch.optim.<name>`` is not ours)."""
+    if getattr(torch.optim, name, None) is DeepSpeedGMixout:
+        delattr(torch.optim, name)
+
+
+def is_registered(name: str = NAME) -> bool:
+    return getattr(torch.optim, name, None) is DeepSpeedGMixout
+
+
+def client_optimizer(**params: Any) -> Callable[[Any], DeepSpeedGMixout]:
+    """A callable for ``deepspeed.initialize(optimizer=...)``: ``f(model_parameters)``.
+
+    ``params`` are those of the config's ``"params"`` block; they are checked now.
+    """
+    _check_gmixout_params(params, where="client_optimizer")
+
+    def build(model_parameters: Any) -> DeepSpeedGMixout:
+        return DeepSpeedGMixout(model_parameters, **params)
+
+    build.__name__ = build.__qualname__ = "GMixout"
+    return build
+
+
+# -- config check -----------------------------------------------------------------------
+
+def check_config(config: dict | str | os.PathLike, *, client: bool = False) -> dict:
+    """Explain, before DeepSpeed fails or silently swaps the optimizer, what a GMixout config lacks.
+
+    ``config``: the DeepSpeed config dict or a JSON path. ``client=True`` when the optimizer
+    is passed to ``deepspeed.initialize`` instead of named in the config. Raises
+    ``ValueError`` listing every problem; returns the GMixout ``params`` (``{}`` on the
+    client route). Checked: the type name, the GMixout params (naming the bad value), the
+    flags ZeRO needs for an optimizer it does not know, and the ZeRO settings under which
+    supports would depend on the world size or state would be resliced as Adam's.
+    """
+    if not isinstance(config, dict):
+        with open(config) as f:
+            config = json.load(f)
+    problems: list[str] = []
+    opt_block = config.get("optimizer")
+    params: dict = {}
+    if client:
+        if opt_block is not None:
+            problems.append('an "optimizer" block and a client optimizer together: DeepSpeed would use the '
+                            'client optimizer and ignore the block; remove one')
+    else:
+        typ = (opt_block or {}).get("type")
+        if typ != NAME:
+            hint = " (the name is case-sensitive)" if isinstance(typ, str) and typ.lower() == NAME.lower() else ""
+            problems.append(f'optimizer.type is {typ!r}, expected "{NAME}"{hint}')
+        elif not is_registered(NAME):
+            problems.append(f"torch.optim.{NAME} is not registered on this rank: call "
+                            "gmixout_optim.integrations.deepspeed.register() before deepspeed.initialize")
+        params = dict((opt_block or {}).get("params") or {})
+        try:
+            _check_gmixout_params(params, where="optimizer.params")
+        except ValueError as err:
+            problems.append(str(err))
+
+    zero = config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage >= 1 and config.get("zero_allow_untested_optimizer") is not True:
+        problems.append('ZeRO accepts only its own optimizers unless "zero_allow_untested_optimizer": true '
+                        "(GMixout takes the flat fp32 partitions as they are)")
+    offload = zero.get("offload_optimizer") or {}
+    device = offload.get("device", "none")
+    if device not in (None, "none"):
+        if device != "cpu":
+            problems.append(f'offload_optimizer.device={device!r}: only "cpu" is supported (the NVMe swapper '
+                            "pages optimizer state as Adam's partition-shaped buffers)")
+        if config.get("zero_force_ds_cpu_optimizer", True) is not False:
+            problems.append('optimizer offload needs "zero_force_ds_cpu_optimizer": false, or DeepSpeed refuses '
+                            "a client optimizer (and Accelerate silently swaps in DeepSpeedCPUAdam)")
+        if float(offload.get("ratio", 1.0)) != 1.0:
+            problems.append(f"offload_optimizer.ratio={offload['ratio']!r}: partial offload steps the rest "
+                            "with a torch Adam behind GMixout's back; use 1.0")
+    if zero.get("round_robin_gradients"):
+        problems.append("zero_optimization.round_robin_gradients reorders the flat groups per world size, "
+                        "so supports would change with the number of ranks; set it false")
+    if zero.get("elastic_checkpoint"):
+        problems.append("zero_optimization.elastic_checkpoint reslices optimizer state as if it were Adam's; "
+                        "use consolidate() + load_checkpoint() of this module to change world size")
+    for key in ("zero_hpz_partition_size", "mics_shard_size"):
+        if int(zero.get(key, 1 if key == "zero_hpz_partition_size" else -1)) > 1:
+            problems.append(f"zero_optimization.{key} > 1 partitions over a subgroup of ranks; not supported")
+    if problems:
+        raise ValueError("DeepSpeed config not usable with GMixout:\n  - " + "\n  - ".join(problems))
+    return params
+
+
+def _check_gmixout_params(params: dict, where: str) -> None:
+    """Check a GMixout ``params`` block without building anything (ValueError names the value)."""
+    bad = []
+
+    def num(key, lo, hi, lo_open=False, hi_open=False):
+        if key not in params:
+            return
+        v = params[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
+            bad.append(f"{where}.{key}={v!r} must be a number in {lo_b}{lo}, {hi}{hi_b}")
+
+    num("p", 0.0, 1.0, hi_open=True)
+    num("ema_decay", 0.0, 1.0)
+    num("lr", 0.0, math.inf, hi_open=True)
+    num("weight_decay", 0.0, math.inf, hi_open=True)
+    num("eps", 0.0, math.inf, lo_open=True, hi_open=True)
+    k = params.get("resample_every", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        bad.append(f"{where}.resample_every={k!r} must be a positive int (optimizer steps per episode)")
+    if params.get("merge", "ema") not in MERGE_RULES:
+        bad.append(f"{where}.merge={params['merge']!r} must be one of {MERGE_RULES}")
+    if params.get("state_policy", "remap") not in STATE_POLICIES:
+        bad.append(f"{where}.state_policy={params['state_policy']!r} must be one of {STATE_POLICIES}")
+    seed = params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        bad.append(f"{where}.seed={seed!r} must be a non-negative int")
+    if not isinstance(params.get("skip_nonfinite", True), bool):
+        bad.append(f"{where}.skip_nonfinite={params['skip_nonfinite']!r} must be a bool")
+    if "betas" in params:
+        b = params["betas"]
+        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1
+                                                                    for x in b)):
+            bad.append(f"{where}.betas={b!r} must be two numbers in [0, 1)")
+    if "max_grad_norm" in params:
+        bad.append(f"{where}.max_grad_norm is refused by DeepSpeed; use the top-level \"gradient_clipping\"")
+    inner = params.get("inner", "AdamW")
+    cls = getattr(torch.optim, inner, None) if isinstance(inner, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or issubclass(cls, GMixoutOptimizer):
+        bad.append(f"{where}.inner={inner!r} must name a torch.optim optimizer (e.g. \"AdamW\")")
+    else:
+        sig = inspect.signature(cls.__init__)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            accepted = set(sig.parameters) - {"self", "params"}
+            unknown = sorted(set(params) - accepted - set(_GMIXOUT_ARGS))
+            if unknown:
+                bad.append(f"{where}: {unknown} are neither GMixout arguments {list(_GMIXOUT_ARGS)} nor "
+                           f"arguments of {inner} {sorted(accepted)}")
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+# -- weights outside step(): finalize, consolidate, anchor_weights ----------------------
+
+def gmixout_optimizer(engine: Any) -> GMixoutOptimizer:
+    """The ``GMixoutOptimizer`` inside a DeepSpeed engine (its ``basic_optimizer``)."""
+    opt = getattr(engine, "basic_optimizer", None)
+    if not isinstance(opt, GMixoutOptimizer):
+        raise TypeError(f"engine's optimizer is {type(opt).__name__}, not a GMixoutOptimizer")
+    return opt
+
+
+@contextmanager
+def _master_groups(engine: Any) -> Iterator[GMixoutOptimizer]:
+    """Put the fp32 master tensors into ``param_groups`` (ZeRO-3 empties them outside step)."""
+    opt = gmixout_optimizer(engine)
+    zero = engine.optimizer
+    stage3 = hasattr(zero, "_set_fp32_optimizer_param_groups")
+    if stage3:
+        zero._set_fp32_optimizer_param_groups()
+    try:
+        yield opt
+    finally:
+        if stage3:
+            zero._clear_fp32_optimizer_param_groups()
+
+
+def _sync_model_weights(engine: Any) -> None:
+    """Copy the fp32 master partitions into the model's weights (all ranks)."""
+    zero = engine.optimizer
+    if hasattr(zero, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
+        for sub_group_id in range(len(zero.fp32_partitioned_groups_flat)):
+            zero._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+    elif hasattr(zero, "update_lp_params"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
+        zero.update_lp_params()
+    # stage 0: the optimizer holds the model's parameters themselves
+
+
+def finalize(engine: Any, merge_running: bool = True) -> None:
+    """``GMixoutOptimizer.finalize`` on every rank; the model then holds the anchor (a plain model)."""
+    with _master_groups(engine) as opt:
+        opt.finalize(merge_running=merge_running)
+    _sync_model_weights(engine)
+
+
+def consolidate(engine: Any) -> None:
+    """``GMixoutOptimizer.consolidate`` on every rank: afterwards a checkpoint loads on any world size."""
+    with _master_groups(engine) as opt:
+        opt.consolidate()
+    _sync_model_weights(engine)
+
+
+@contextmanager
+def anchor_weights(engine: Any) -> Iterator[Any]:
+    """Within the block the model holds the anchor; training weights come back afterwards."""
+    with _master_groups(engine) as opt:
+        ctx = opt.anchor_weights()
+        ctx.__enter__()
+    _sync_model_weights(engine)
+    try:
+        yield engine
+    finally:
+        with _master_groups(engine):
+            ctx.__exit__(None, None, None)
+        _sync_model_weights(engine)
+
+
+# -- checkpoints across world sizes ------------------------------------------------------
+
+def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs: Any):
+    """``engine.load_checkpoint`` that also changes world size after :func:`consolidate`.
+
+    Same world size: DeepSpeed's own load (exact resume, mid-episode included). Another
+    world size: DeepSpeed loads the weights only (it refuses optimizer state then); this
+    restores each GMixout tensor's episode counter from the saved GMixout state, so the
+    next step starts the next episode. The checkpoint must have been saved after
+    :func:`consolidate` (no running episode), else ``ValueError``. Dense groups restart
+    their inner optimizer state, as with any DeepSpeed world-size change.
+    """
+    if tag is None:
+        with open(os.path.join(load_dir, "latest")) as f:
+            tag = f.read().strip()
+    saved_world = _saved_world_size(load_dir, tag)
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved_world in (None, world):
+        return engine.load_checkpoint(load_dir, tag, **kwargs)
+    episodes = _saved_episodes(load_dir, tag)
+    kwargs["load_optimizer_states"] = False
+    result = engine.load_checkpoint(load_dir, tag, **kwargs)
+    with _master_groups(engine) as opt:
+        for g, group in enumerate(opt.param_groups):
+            if not group["gmixout"]:
+                continue
+            for w in group["params"]:
+                opt.state[w] = {"episode": episodes.get(g, 0), "episode_step": 0}
+    return result
+
+
+def _optim_files(load_dir: str, tag: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(load_dir, tag, "*optim_states.pt")))
+
+
+def _saved_world_size(load_dir: str, tag: str) -> int | None:
+    files = _optim_files(load_dir, tag)
+    return len(files) or None
+
+
+def _find_gmixout_sd(obj: Any, depth: int = 0) -> dict | None:
+    if isinstance(obj, dict):
+        if "gmixout" in obj and "state" in obj and "param_groups" in obj:
+            return obj
+        if depth < 3:
+            for value in obj.values():
+                found = _find_gmixout_sd(value, depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def _saved_episodes(load_dir: str, tag: str) -> dict[int, int]:
+    """Per GMixout group: the episode the next step starts, read from rank 0's saved state."""
+    blob = torch.load(_optim_files(load_dir, tag)[0], map_location="cpu", weights_only=False)
+    sd = _find_gmixout_sd(blob)
+    if sd is None:
+        raise ValueError(f"{load_dir}/{tag} holds no GMixoutOptimizer state")
+    episodes: dict[int, int] = {}
+    for g, group in enumerate(sd["param_groups"]):
+        if not group.get("gmixout"):
+            continue
+        seen = {(sd["state"][pid]["episode"], sd["state"][pid]["episode_step"], "residual" in sd["state"][pid])
+                for pid in group["params"] if pid in sd["state"]}
+        if any(step or running for _, step, running in seen):
+            raise ValueError(f"checkpoint {tag} was saved inside an episode (param group {g}); call "
+                             "consolidate(engine) before saving a checkpoint to load on another world size")
+        if len({e for e, _, _ in seen}) > 1:
+            raise ValueError(f"param group {g} holds tensors at different episodes: {sorted(seen)}")
+        episodes[g] = next(iter(seen))[0] if seen else 0
+    return episodes
+
+
+# -- the shared-memory comm op ----------------------------------------------------------
+
+def build_comm_op() -> Any:
+    """Build (once) DeepSpeed's CPU shared-memory comm op into ``TORCH_EXTENSIONS_DIR``.
+
+    Every ``deepspeed.initialize`` on a CPU accelerator loads it; the first load compiles
+    it (about 40-70 s on 2 cores) and later ones reuse the cached build (about 0.1 s).
+    Run ``python -m gmixout_optim.integrations.deepspeed`` once after installing.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    return None if builder is None else builder.load()
+
+
+if __name__ == "__main__":
+    print(build_comm_op())
