@@ -319,8 +319,8 @@ class GMixoutOptimizer(Optimizer):
                 if w.grad is None:
                     continue
                 if w.grad.is_sparse:
-                    raise RuntimeError(f"GMixoutOptimizer does not support sparse gradients "
-                                       f"(param group {gi}, parameter {i}, layout {w.grad.layout})")
+                    raise TypeError(f"GMixoutOptimizer does not support sparse gradients "
+                                    f"(param group {gi}, parameter {i}, layout {w.grad.layout})")
                 if group["gmixout"]:
                     sparse.append((w, (group, gi, i)))
                 else:
@@ -650,11 +650,18 @@ class GMixoutOptimizer(Optimizer):
             if support.is_floating_point():
                 raise ValueError(f"state_dict holds support indices of dtype {support.dtype}; "
                                  "they must be integers (was it cast by a generic loader?)")
+            n_saved = int((support >= 0).sum())
+            capacity = support_capacity(w.numel(), 1.0 - group["p"])
+            fits = support.numel() == capacity or support.numel() == n_saved > capacity
+            if not fits or (n_saved and int(support[:n_saved].max()) >= w.numel()):
+                raise ValueError(
+                    f"state_dict holds a support of {support.numel()} slots ({n_saved} used) for a tensor of "
+                    f"{w.numel()} elements, whose capacity is {capacity}: was it saved from another model?")
             st["support"] = support.to(device=w.device, copy=True)
             st["residual"] = entry["residual"].to(device=w.device, dtype=torch.float32, copy=True)
             if "anchor" in entry:
                 st["anchor"] = entry["anchor"].to(device=w.device, dtype=w.dtype, copy=True)
-            self._support_size[w] = int((st["support"] >= 0).sum())
+            self._support_size[w] = n_saved
             inner = entry.get("inner", {})
             if inner:
                 self._state[st["residual"]] = {k: _to_like(v, st["residual"], k, group) for k, v in inner.items()}

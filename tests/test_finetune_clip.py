@@ -142,6 +142,10 @@ def test_timm_vit_loads_backbone_and_replaces_head(tmp_path):
     torch.save({k: v for k, v in ref.items() if not k.startswith("head.")}, headless)
     model = build_timm_vit("vit_tiny_patch16_224", headless, 3, **TIMM_KW)
     assert torch.equal(model.state_dict()["blocks.1.mlp.fc2.weight"], ref["blocks.1.mlp.fc2.weight"])
+    # another image size: timm's filter resamples the 4x4 position grid to 6x6 (class token kept)
+    model = build_timm_vit("vit_tiny_patch16_224", path, 3, **{**TIMM_KW, "img_size": 48})
+    assert model.pos_embed.shape == (1, 1 + 36, 64) and torch.equal(model.pos_embed[:, 0], ref["pos_embed"][:, 0])
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
 
 
 def test_timm_vit_errors(tmp_path):

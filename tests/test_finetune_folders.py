@@ -211,7 +211,8 @@ def _iwildcam_root(root, categories=True):
         rows.append(f"{split},{k % 3},{y},img{k:04d}.jpg")
     (base / "metadata.csv").write_text("\n".join(rows) + "\n")
     if categories:
-        (base / "categories.csv").write_text("y,category_id,name\n0,0,empty\n1,3,tayassu pecari\n4,8,dasyprocta punctata\n")
+        (base / "categories.csv").write_text(
+            "y,category_id,name\n0,0,empty\n1,3,tayassu pecari\n4,8,dasyprocta punctata\n")
     return root
 
 
@@ -290,3 +291,13 @@ def test_cifar100_c_missing_pieces(tmp_path):
     (root / "cifar-100-python" / "test").unlink()
     with pytest.raises(LayoutError, match="cifar-100-python/test not found"):
         load_benchmark("cifar100-c", root, None, split_names=["test"])
+
+
+def test_docs_show_every_layout_verbatim():
+    """docs/benchmarks_data.md must draw the same trees as the error messages."""
+    from pathlib import Path
+
+    from gmixout_optim.finetune.folders import LAYOUTS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks_data.md").read_text()
+    assert [name for name, tree in LAYOUTS.items() if tree not in doc] == []

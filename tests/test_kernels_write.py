@@ -4,7 +4,7 @@ import torch
 
 from gmixout_optim.kernels import write
 from gmixout_optim.kernels.support import Segment, draw_support_torch, support_capacity
-from gmixout_optim.kernels.testing import assert_close, poison
+from gmixout_optim.kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KEEP = 0.5
@@ -65,3 +65,27 @@ def test_bad_input_is_rejected(impl):
         getattr(write, f"support_anchor_{impl}")(torch.zeros(8), s, 4, torch.zeros(3), 0.5)
     with pytest.raises(ValueError, match="anchor_values"):
         getattr(write, f"write_weights_{impl}")(torch.zeros(8), s, 4, torch.zeros(2), torch.zeros(4), 0.5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter numpy: inf/NaN inputs on purpose
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_to_16_bit_matches_torch_on_ties_and_specials(dtype):
+    # fp32 values whose dropped bits are exactly half an ulp (ties to even, both parities),
+    # just below/above half, the largest finite fp32, +-inf and NaN.
+    base = torch.randn(20000, generator=torch.Generator().manual_seed(0)).view(torch.int32)
+    base = base & ~0xFFFF  # bf16-representable; for fp16, ties come from the lower bits below
+    low = torch.tensor([0x8000, 0x7FFF, 0x8001, 0x18000, 0x1000, 0x3000], dtype=torch.int32)
+    vals = (base.view(-1, 1) | low).flatten().view(torch.float32)
+    vals = torch.cat([vals, torch.tensor([3.4028235e38, -3.4028235e38, float("inf"),
+                                          -float("inf"), float("nan"), 0.0, -0.0]),
+                      # NaNs whose rounding would carry into the exponent/sign bits
+                      torch.tensor([0x7FFFFFFF, -1, 0x7F80FFFF], dtype=torch.int32).view(torch.float32)
+                      ]).to(DEVICE)
+    n = vals.numel()
+    support = torch.arange(n, dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(n, device=DEVICE)
+    ref = torch.full((n,), 7.0, dtype=dtype, device=DEVICE)
+    out = ref.clone()
+    write.write_weights_torch(ref, support, n, vals, zero, KEEP)
+    write.write_weights_triton(out, support, n, vals, zero, KEEP)
+    assert_close(out, ref, "exact", f"fp32 -> {dtype} rounding")

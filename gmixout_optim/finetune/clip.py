@@ -15,6 +15,7 @@ open_clip and timm are imported lazily (they are optional, ``pip install .[examp
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -24,6 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CLIPClassifier", "build_clip_classifier", "build_timm_vit"]
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
 
 
 def _weights_file(path, what: str) -> Path:
@@ -108,8 +118,14 @@ def build_clip_classifier(
     templates = _check_templates(open_clip.OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
     path = None if pretrained_path is None else _weights_file(pretrained_path, f"CLIP {name}")
 
-    # pretrained=None and pretrained_text=False: open_clip builds the architecture only
-    model = open_clip.create_model(name, pretrained=None, pretrained_text=False, device="cpu")
+    # pretrained=None and pretrained_text=False: open_clip builds the architecture only. Its
+    # "initialized randomly" warning (root logger) would be wrong when a checkpoint follows.
+    quiet = _DropMessage("No pretrained weights loaded")
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(name, pretrained=None, pretrained_text=False, device="cpu")
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if path is not None:
         try:
             open_clip.load_checkpoint(model, str(path), strict=True)

@@ -45,6 +45,8 @@ __all__ = ["Benchmark", "LayoutError", "load_benchmark", "BENCHMARKS", "LAYOUTS"
 
 
 class Benchmark(NamedTuple):
+    """What ``load_benchmark`` returns (fields described in the module docstring)."""
+
     splits: dict
     class_names: list
     id_test: str
@@ -253,12 +255,12 @@ def _imagenet(root: Path):
         return lambda tf: _image_folder(_need(root / folders[split], "imagenet", f"{folders[split]}/"),
                                         tf, maps.get(split))
 
-    def subset(split):
-        return lambda ds: sorted(set(ds.class_to_idx.values()))
+    def subset(ds):  # the 1000-class indices a 200-class test set covers
+        return sorted(set(ds.class_to_idx.values()))
 
     return dict(builders={s: builder(s) for s in folders}, class_names=_imagenet_names(root, wnids),
                 ood=["imagenet-v2", "imagenet-r", "imagenet-sketch", "imagenet-a"], groups=None,
-                subsets={"imagenet-r": subset("imagenet-r"), "imagenet-a": subset("imagenet-a")})
+                subsets={"imagenet-r": subset, "imagenet-a": subset})
 
 
 def _imagenet_lt(root: Path):

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON, tl
+from ._dispatch import HAS_TRITON, INTERPRET, tl
 
-BLOCK = 16384  # elements per Triton program: the interpreter costs ~10 ms a program, a GPU does not mind
+# Elements per Triton program. The interpreter costs ~10 ms a program, so it gets big blocks;
+# on a GPU 2048 elements over 8 warps (8 per thread) keep the fused step's registers unspilled.
+BLOCK = 16384 if INTERPRET else 2048
+NUM_WARPS = 8
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -21,6 +24,15 @@ def tl_dtype(d: torch.dtype):
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("triton is not importable")
     return {torch.float32: tl.float32, torch.float64: tl.float64}[d]
+
+
+def scatter_(param_flat: torch.Tensor, support_n: torch.Tensor, values: torch.Tensor) -> None:
+    """``param_flat[support_n] = values`` (cast to the weight dtype) for the PyTorch path.
+
+    ``index_copy_`` with int64 indices is ~2.5x faster than ``index_put_`` on CPU, and the
+    support has no duplicates, so the two are the same.
+    """
+    param_flat.index_copy_(0, support_n.long(), values.to(param_flat.dtype))
 
 
 def grid(count: int) -> tuple[int]:

@@ -34,7 +34,12 @@ def _check(name: str) -> str:
     return name
 
 
-_backend = _check(os.environ.get("GMIXOUT_BACKEND", "auto").strip().lower() or "auto")
+def backend_from_env(environ=os.environ) -> str:
+    """The backend named by ``GMIXOUT_BACKEND`` (``"auto"`` when unset or empty)."""
+    return _check(environ.get("GMIXOUT_BACKEND", "").strip().lower() or "auto")
+
+
+_backend = backend_from_env()
 
 
 def set_backend(name: str) -> None:
@@ -48,17 +53,18 @@ def get_backend() -> str:
     return _backend
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on tensor ``t`` runs the Triton kernel under the current backend."""
+def use_triton(t: torch.Tensor | torch.device | str) -> bool:
+    """Whether an op on tensor ``t`` (or on a device) runs the Triton kernel under the current backend."""
+    device = t.device if isinstance(t, torch.Tensor) else torch.device(t)
     if _backend == "torch":
         return False
     if _backend == "auto":
-        return HAS_TRITON and t.is_cuda
+        return HAS_TRITON and device.type == "cuda"
     if not HAS_TRITON:
         raise RuntimeError("backend 'triton' was forced but triton is not importable; "
                            "install the 'triton' extra or use set_backend('auto'|'torch')")
-    if not t.is_cuda and not INTERPRET:
-        raise RuntimeError(f"backend 'triton' on {t.device.type} tensors needs TRITON_INTERPRET=1 "
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"backend 'triton' on {device.type} tensors needs TRITON_INTERPRET=1 "
                            "set before triton is imported; use set_backend('torch') instead")
     return True
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BLOCK, cast_to, compute_dtype, grid, tl_dtype
+from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
 from .write import _check_vec
 
@@ -61,7 +61,7 @@ def fused_adamw_step_torch(param_flat, grad_flat, support, n, residual, exp_avg,
     bc2 = 1 - beta2 ** step
     denom = (s.sqrt() / bc2 ** 0.5).add_(eps)
     v.addcdiv_(m, denom, value=-(lr / bc1))
-    param_flat[s_idx] = (a + v / keep).to(param_flat.dtype)
+    scatter_(param_flat, s_idx, a + v / keep)
 
 
 if HAS_TRITON:
@@ -115,7 +115,7 @@ def fused_adamw_step_triton(param_flat, grad_flat, support, n, residual, exp_avg
         float(keep), float(weight_decay), float(1 - lr * weight_decay), float(lerp_w), float(beta2),
         float(1 - beta2), float((1 - beta2 ** step) ** 0.5), float(eps), float(-(lr / (1 - beta1 ** step))),
         HAS_ANCHOR=anchor is not None, DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0,
-        LERP_SMALL=abs(lerp_w) < 0.5, CDT=tl_dtype(compute_dtype(src.dtype)), BLOCK=BLOCK, num_warps=8)
+        LERP_SMALL=abs(lerp_w) < 0.5, CDT=tl_dtype(compute_dtype(src.dtype)), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def fused_adamw_step(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BLOCK, grid
+from ._common import BLOCK, NUM_WARPS, grid
 from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
 
 
@@ -45,7 +45,7 @@ def gather_grad_triton(grad_flat, support, n, keep, out):
     n = _check(grad_flat, support, n, out)
     if out.numel():
         _gather_kernel[grid(out.numel())](grad_flat, support, out, n, out.numel(), float(keep),
-                                          BLOCK=BLOCK, num_warps=8)
+                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 

@@ -7,7 +7,7 @@ residual merge. The residual itself is not cleared here.
 """
 from __future__ import annotations
 
-from ._common import BLOCK, cast_to, compute_dtype, grid, tl_dtype
+from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
 from .write import _check_vec
 
@@ -26,7 +26,7 @@ def merge_episode_torch(param_flat, support, n, residual, anchor, keep, coeff):
     n = _check(param_flat, support, n, residual, anchor)
     s = support[:n]
     a = anchor[:n] if anchor is not None else param_flat.index_select(0, s) - residual[:n] / keep
-    param_flat[s] = (a + coeff * residual[:n]).to(param_flat.dtype)
+    scatter_(param_flat, s, a + coeff * residual[:n])
 
 
 if HAS_TRITON:
@@ -54,7 +54,7 @@ def merge_episode_triton(param_flat, support, n, residual, anchor, keep, coeff):
         cdt = compute_dtype(src.dtype)
         _merge_kernel[grid(n)](param_flat, support, residual, src, n, float(keep), float(coeff),
                                HAS_ANCHOR=anchor is not None, CDT=tl_dtype(cdt),
-                               BLOCK=BLOCK, num_warps=8)
+                               BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def merge_episode(param_flat, support, n, residual, anchor, keep, coeff):

@@ -15,11 +15,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._dispatch import HAS_TRITON, tl, triton, use_triton
+from ._dispatch import HAS_TRITON, INTERPRET, tl, triton, use_triton
 from .philox import philox_seed, philox_uniform_torch
 
-_CHUNK = 1 << 20  # elements per PyTorch chunk: bounds the int64 temporaries (~8 MiB each)
-_BLOCK = 16384    # elements per Triton program (large: the interpreter costs ~10 ms a program)
+_CHUNK = 1 << 16  # elements per PyTorch chunk: int64 temporaries of 512 KiB stay in cache
+_BLOCK = 16384 if INTERPRET else 4096  # elements per Triton program (interpreter: ~10 ms a program)
 
 
 class Segment(NamedTuple):
@@ -66,7 +66,7 @@ def _index_dtype(segs: list[Segment], index_dtype) -> torch.dtype:
 
 
 def draw_support_torch(segments, seed, episode, keep, capacity, device, index_dtype=None):
-    """PyTorch draw, in chunks of ``2^20`` elements. Returns ``(support, n)``."""
+    """PyTorch draw, in chunks of ``2^16`` elements. Returns ``(support, n)``."""
     segs, keep = _check_segments(segments), _check_keep(keep)
     capacity = operator.index(capacity)
     idt = _index_dtype(segs, index_dtype)
@@ -145,7 +145,6 @@ def draw_support(segments, seed, episode, keep, capacity, device, index_dtype=No
 
     ``index_dtype`` defaults to int32, or int64 when a local index reaches 2^31.
     """
-    probe = torch.empty(0, device=device)
-    if use_triton(probe):
+    if use_triton(device):
         return draw_support_triton(segments, seed, episode, keep, capacity, device, index_dtype)
     return draw_support_torch(segments, seed, episode, keep, capacity, device, index_dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BLOCK, cast_to, compute_dtype, grid, tl_dtype
+from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
 
 
@@ -35,7 +35,7 @@ def write_weights_torch(param_flat, support, n, anchor_values, residual, keep):
     _check_vec("residual", residual, n)
     _check_vec("anchor_values", anchor_values, n)
     val = anchor_values[:n] + residual[:n] / keep
-    param_flat[support[:n]] = val.to(param_flat.dtype)
+    scatter_(param_flat, support[:n], val)
 
 
 if HAS_TRITON:
@@ -69,7 +69,7 @@ def support_anchor_triton(param_flat, support, n, residual, keep):
     out = torch.empty(n, dtype=cdt, device=param_flat.device)
     if n:
         _anchor_kernel[grid(n)](param_flat, support, residual, out, n, float(keep),
-                                CDT=tl_dtype(cdt), BLOCK=BLOCK, num_warps=8)
+                                CDT=tl_dtype(cdt), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -82,7 +82,7 @@ def write_weights_triton(param_flat, support, n, anchor_values, residual, keep):
     if n:
         cdt = compute_dtype(anchor_values.dtype)
         _write_kernel[grid(n)](param_flat, support, anchor_values, residual, n, float(keep),
-                               CDT=tl_dtype(cdt), BLOCK=BLOCK, num_warps=8)
+                               CDT=tl_dtype(cdt), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def support_anchor(param_flat, support, n, residual, keep):
