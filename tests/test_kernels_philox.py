@@ -1,4 +1,5 @@
-"""PyTorch Philox against Triton's tl.rand, bit for bit (interpreter on CPU, real kernel on GPU)."""
+"""PyTorch Philox against Triton's own randint4x, and u(g) against the kernels' Triton code, bit for
+bit (interpreter on CPU, real kernel on GPU)."""
 import pytest
 import torch
 
@@ -20,19 +21,52 @@ SEEDS = [0, 1, 2**31 - 1, 2**31, 2**32 + 5, 2**63 - 1, philox.philox_seed(0, 0, 
 
 
 @pytest.mark.parametrize("seed64", SEEDS)
-def test_torch_philox_equals_tl_rand(seed64):
+def test_torch_philox_equals_triton_randint4x(seed64):
+    # All four words of Triton's own generator (tl.randint4x, counter (c_lo, c_hi, 0, 0)).
+    c = _offsets(DEVICE)
+    expected = philox.philox4x32_triton(seed64, c)
+    actual = philox.philox4x32_torch(seed64, c)
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, "exact", f"seed {seed64}, word {k}")
+
+
+@pytest.mark.parametrize("seed64", SEEDS[:4] + SEEDS[-1:])
+def test_torch_uniform_equals_triton_uniform(seed64):
+    # u(g) as the support kernels compute it (randint4x(seed, g >> 2), word g & 3, tl's conversion)
     g = _offsets(DEVICE)
     expected = philox.philox_uniform_triton(seed64, g)
-    actual = philox.philox_uniform_torch(seed64, g)
-    assert_close(actual, expected, "exact", f"seed {seed64}")
+    assert_close(philox.philox_uniform_torch(seed64, g), expected, "exact", f"seed {seed64}")
 
 
-def test_int32_offsets_give_the_same_bits():
-    # tl.rand with int32 offsets (hi counter word 0) equals the int64 counter below 2^31.
-    g = torch.arange(5, 5 + 40000, device=DEVICE)
-    out = torch.empty(g.numel(), device=DEVICE)
-    philox._philox_uniform_kernel[(3,)](g.to(torch.int32), out, 123, g.numel(), BLOCK=16384)
-    assert_close(philox.philox_uniform_torch(123, g), out, "exact", "int32 offsets")
+def test_uniform_is_word_g_mod_4_of_counter_g_div_4():
+    # The definition written out with plain Python ints for the conversion.
+    seed, g = 987654321, torch.arange(2**32 - 10, 2**32 + 10)
+    words = philox.philox4x32_torch(seed, g >> 2)
+    u = philox.philox_uniform_torch(seed, g)
+    for i, gi in enumerate(g.tolist()):
+        x = words[gi & 3][i].item()
+        y = x ^ 0xFFFFFFFF if x >= 2**31 else x  # int32 view, negatives folded with ~x
+        expected = torch.tensor(float(y), dtype=torch.float32) * torch.tensor(4.6566127342e-10)
+        assert u[i].item() == expected.item()
+
+
+def test_int32_counters_give_the_same_words():
+    # randint4x with int32 counters (hi counter word 0) equals the int64 counter below 2^31.
+    c = torch.arange(5, 5 + 40000, device=DEVICE)
+    out = torch.empty((c.numel(), 4), dtype=torch.int64, device=DEVICE)
+    philox._randint4x_kernel[(3,)](c.to(torch.int32), out, 123, c.numel(), BLOCK=16384)
+    for k, w in enumerate(philox.philox4x32_torch(123, c)):
+        assert_close(w, out[:, k], "exact", f"int32 counters, word {k}")
+
+
+def test_wrapping_and_halves_products_agree():
+    # The fast int64 product (wraps mod 2^64) against the 16-bit-halves one and Python ints.
+    x = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1] + list(range(3, 3000, 7)) * 3)
+    for c in (philox._ROUND_A, philox._ROUND_B):
+        expected = ([(v * c) >> 32 for v in x.tolist()], [(v * c) & 0xFFFFFFFF for v in x.tolist()])
+        for mul in (philox._mul32_wrap, philox._mul32_halves):
+            hi, lo = mul(x.clone(), c)
+            assert (hi.tolist(), lo.tolist()) == expected, mul.__name__
 
 
 def test_uniform_range_and_moments():
@@ -40,9 +74,11 @@ def test_uniform_range_and_moments():
     assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
     # mean of 2e5 U(0,1): sd = 0.2887/sqrt(2e5) = 6.5e-4; 6 sd bound
     assert abs(u.mean().item() - 0.5) < 6 * 6.5e-4
-    # adjacent counters must not be correlated: lag-1 correlation sd = 1/sqrt(2e5)
-    c = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()
-    assert abs(c) < 6 / 200000 ** 0.5
+    # neighbours (words of one counter, and across counters) must not be correlated:
+    # lag-k correlation sd = 1/sqrt(2e5), k = 1..4
+    for k in range(1, 5):
+        c = torch.corrcoef(torch.stack([u[:-k], u[k:]]))[0, 1].item()
+        assert abs(c) < 6 / 200000 ** 0.5, k
 
 
 def test_philox_seed_mixes_every_input():
@@ -66,3 +102,5 @@ def test_uniform_rejects_bad_input():
         philox.philox_uniform_torch(2**63, torch.arange(3))
     with pytest.raises(TypeError, match="int64"):
         philox.philox_uniform_torch(0, torch.arange(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="counters must be int64"):
+        philox.philox4x32_torch(0, torch.arange(3, dtype=torch.int32))

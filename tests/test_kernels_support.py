@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gmixout_optim.kernels import support as sp
-from gmixout_optim.kernels.philox import philox_seed, philox_uniform_torch
+from gmixout_optim.kernels.philox import philox_seed, philox_uniform_torch, uint_to_uniform_torch
 from gmixout_optim.kernels.support import Segment, support_capacity
 from gmixout_optim.kernels.testing import assert_close
 
@@ -19,6 +19,8 @@ CASES = {
     "offset_past_2^32": [Segment(7, 30001, 1, 2**32 - 12345)],
     # ZeRO-3 style: pieces of several keys in one flat tensor, given out of order, with gaps
     "pieces": [Segment(40000, 9000, 5, 123), Segment(0, 16383, 2, 0), Segment(20000, 17, 9, 2**31 - 3)],
+    # segments starting and ending inside one group of four (one Philox counter)
+    "inside_one_counter": [Segment(0, 1, 6, 1), Segment(1, 2, 6, 5), Segment(3, 3, 7, 2**32 + 1)],
 }
 
 
@@ -49,15 +51,35 @@ def test_reference_follows_the_definition():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_sharded_draw_matches_unsharded(impl):
-    # Two shards of one logical tensor draw exactly the pieces of the unsharded support.
+@pytest.mark.parametrize("cuts", [(17001,), (3, 33003), (65537, 65538)])
+def test_sharded_draw_matches_unsharded(impl, cuts):
+    # Shards of one logical tensor draw exactly the pieces of the unsharded support; the cuts
+    # are not multiples of 4, so shards split the four words of one Philox counter (and the
+    # first cut of the last case is one past a PyTorch chunk boundary, 4 * 2^14).
     draw = getattr(sp, f"draw_support_{impl}")
-    numel, keep, cut = 50000, 0.2, 17001
+    numel, keep = 70000, 0.2
     full, nf = draw([Segment(0, numel, 4, 0)], 1, 0, keep, numel, DEVICE)
-    a, na = draw([Segment(0, cut, 4, 0)], 1, 0, keep, cut, DEVICE)
-    b, nb = draw([Segment(0, numel - cut, 4, cut)], 1, 0, keep, numel - cut, DEVICE)
-    assert na + nb == nf
-    assert torch.equal(torch.cat([a[:na], b[:nb] + cut]), full[:nf])
+    bounds = [0, *cuts, numel]
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        part, n = draw([Segment(0, hi - lo, 4, lo)], 1, 0, keep, hi - lo, DEVICE)
+        pieces.append(part[:n].long() + lo)
+    assert torch.equal(torch.cat(pieces), full[:nf].long())
+
+
+@pytest.mark.parametrize("keep", [1e-9, 0.1, 0.3, 0.5, 0.9, 1 - 2**-24, 1.0])
+def test_integer_threshold_equals_float_comparison(keep):
+    # fold(x) < T  <=>  uint_to_uniform(x) < keep32, by monotonicity (see _fold_threshold);
+    # here checked at the words where it could break: around T, 2^32 - T and the ends.
+    t = sp._fold_threshold(keep)
+    keep32 = torch.tensor(keep, dtype=torch.float32)
+    words = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1] + [b + d for b in (t, 2**32 - t)
+                                                                for d in range(-2, 3)])
+    words = words[(words >= 0) & (words < 2**32)]
+    assert torch.equal(sp._hits(words, t), uint_to_uniform_torch(words) < keep32)
+    if t < 2**31:  # T is the first folded value at or above keep
+        u = uint_to_uniform_torch(torch.tensor([t - 1, t]))
+        assert u[0] < keep32 <= u[1] or (t == 0 and keep32 <= u[1])
 
 
 def test_fraction_within_binomial_bounds_and_episodes_independent():

@@ -3,12 +3,15 @@
 Element at global offset ``g`` of segment ``(start, length, key, offset)`` is in the
 support ``S`` of episode ``e`` iff ``philox_uniform(philox_seed(seed, key, e), g) < keep``
 (``keep`` compared in fp32 on both paths). Its local index is ``start + g - offset``.
+One Philox evaluation (counter ``g >> 2``) serves four consecutive global offsets, so a
+segment whose ``offset`` is not a multiple of 4 starts or ends inside a group of four.
 ``S`` is returned sorted, padded with -1 to ``capacity``. If more than ``capacity``
 elements are drawn, the first ``capacity`` are stored and the true count ``n > capacity``
 is returned: the caller must check ``n <= capacity`` (and grow or raise).
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import NamedTuple, Sequence
@@ -16,9 +19,12 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ._dispatch import HAS_TRITON, INTERPRET, tl, triton, use_triton
-from .philox import philox_seed, philox_uniform_torch
+from .philox import _SCALE, philox4x32_torch, philox_seed
 
-_CHUNK = 1 << 16  # elements per PyTorch chunk: int64 temporaries of 512 KiB stay in cache
+if HAS_TRITON:
+    from .philox import philox_uniform_tl
+
+_CHUNK = 1 << 14  # Philox counters (4 elements each) per PyTorch chunk: temporaries stay in cache
 _BLOCK = 16384 if INTERPRET else 4096  # elements per Triton program (interpreter: ~10 ms a program)
 
 
@@ -65,19 +71,61 @@ def _index_dtype(segs: list[Segment], index_dtype) -> torch.dtype:
     return torch.int32 if end <= 2**31 else torch.int64
 
 
+@functools.lru_cache(maxsize=64)
+def _fold_threshold(keep: float) -> int:
+    """``T`` such that, for every uint32 word ``x`` with ``y = fold(x)`` (the int32 view,
+    negatives folded with ``~``), ``uint_to_uniform(x) < keep32`` iff ``y < T``.
+
+    Why an exact threshold exists: ``u(y) = fp32(fp32(y) * scale)`` is non-decreasing in
+    ``y`` (int-to-float rounding and multiplication by a positive constant with
+    round-to-nearest are both monotone), so ``{y in [0, 2^31): u(y) < keep32}`` is a prefix
+    ``[0, T)``. ``T`` is found by bisection on ``u`` computed with the same fp32 ops as
+    ``uint_to_uniform_torch``; the loop invariant ``u(lo-1) < keep32 <= u(hi)`` (with
+    ``u(-1) = -inf``, ``u(2^31) = +inf``) makes ``T = hi`` exact for all 2^31 values of ``y``."""
+    keep32 = torch.tensor(keep, dtype=torch.float32)
+    scale = torch.tensor(_SCALE, dtype=torch.float32)
+
+    def below(y: int) -> bool:
+        return bool(torch.tensor(y, dtype=torch.int32).to(torch.float32) * scale < keep32)
+
+    lo, hi = 0, 1 << 31  # invariant: every y < lo is below, hi is not (or hi = 2^31)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if below(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return hi
+
+
+def _hits(words: torch.Tensor, t: int) -> torch.Tensor:
+    """``fold(x) < t`` for uint32 words ``x`` in int64: ``x < t`` or ``~x = 2^32-1-x < t``,
+    i.e. ``x`` in the cyclic interval ``[-t, t)`` mod 2^32, tested as ``(x + t) mod 2^32 < 2t``
+    (``t <= 2^31``, so the two halves do not overlap)."""
+    return (words + t).bitwise_and_(0xFFFFFFFF) < 2 * t
+
+
 def draw_support_torch(segments, seed, episode, keep, capacity, device, index_dtype=None):
-    """PyTorch draw, in chunks of ``2^16`` elements. Returns ``(support, n)``."""
+    """PyTorch draw: per chunk of ``2^14`` Philox counters, the four words of each counter are
+    interleaved into ``4 * 2^14`` consecutive elements, then the segment's ends are cut off.
+    Returns ``(support, n)``."""
     segs, keep = _check_segments(segments), _check_keep(keep)
     capacity = operator.index(capacity)
     idt = _index_dtype(segs, index_dtype)
     support = torch.full((capacity,), -1, dtype=idt, device=device)
-    keep32 = torch.tensor(keep, dtype=torch.float32, device=device)
+    t = _fold_threshold(keep)
     n = 0
     for s in segs:
         s64 = philox_seed(seed, s.key, episode)
-        for c in range(0, s.length, _CHUNK):
-            i = torch.arange(c, min(c + _CHUNK, s.length), dtype=torch.int64, device=device)
-            hit = i[philox_uniform_torch(s64, i + s.offset) < keep32] + s.start
+        g_end = s.offset + s.length
+        q_end = (g_end + 3) >> 2
+        for q0 in range(s.offset >> 2, q_end, _CHUNK):
+            q1 = min(q0 + _CHUNK, q_end)
+            q = torch.arange(q0, q1, dtype=torch.int64, device=device)
+            words = torch.stack(philox4x32_torch(s64, q), dim=1).view(-1)  # element 4*q0 + i
+            lo, hi = max(s.offset, 4 * q0), min(g_end, 4 * q1)  # global elements of this chunk
+            hit = torch.nonzero(_hits(words[lo - 4 * q0:hi - 4 * q0], t)).view(-1)
+            hit += lo - s.offset + s.start
             m = hit.numel()
             if n < capacity:
                 take = min(m, capacity - n)
@@ -95,7 +143,7 @@ if HAS_TRITON:
         ln = tl.load(blk_len + b)
         seed = tl.load(blk_seed + b)
         j = tl.arange(0, BLOCK)
-        hit = (tl.rand(seed, g0 + j) < keep) & (j < ln)
+        hit = (philox_uniform_tl(seed, g0 + j) < keep) & (j < ln)
         tl.store(counts + b, tl.sum(hit.to(tl.int32), axis=0))
 
     @triton.jit
@@ -108,7 +156,7 @@ if HAS_TRITON:
         seed = tl.load(blk_seed + b)
         base = tl.load(blk_out + b)
         j = tl.arange(0, BLOCK)
-        hit = (tl.rand(seed, g0 + j) < keep) & (j < ln)
+        hit = (philox_uniform_tl(seed, g0 + j) < keep) & (j < ln)
         pos = base + tl.cumsum(hit.to(tl.int64), axis=0) - 1  # rank of each hit: keeps order
         tl.store(support + pos, (l0 + j).to(support.dtype.element_ty), mask=hit & (pos < capacity))
 
