@@ -16,6 +16,8 @@ $(STAMP): setup.py requirements-pinned.txt
 	# deepspeed's setup.py imports torch: build it against the torch just installed.
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q --no-build-isolation -e ".[all]"
+	# DeepSpeed JIT-builds its CPU shared-memory comm op on first use: build it once here, not in the tests.
+	DS_ACCELERATOR=cpu $(BIN)/python -m gmixout_optim.integrations.deepspeed
 	touch $(STAMP)
 
 venv: $(STAMP)

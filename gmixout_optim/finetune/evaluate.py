@@ -17,9 +17,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy in eval mode (restores the previous train/eval mode)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+        pred = model(x[i:i + batch_size].to(device)).argmax(-1).cpu()
+        correct += (pred == y[i:i + batch_size]).sum().item()
     model.train(was_training)
     return correct / max(len(y), 1)
 
@@ -74,6 +76,7 @@ def load_saved_model(path: str, device: str = "cpu") -> tuple[nn.Module, dict]:
     with open(meta_path) as f:
         meta = json.load(f)
     m = meta["model"]
-    model, _ = build_model(m["name"], m["num_classes"], m.get("pretrained"), m.get("class_names"), device)
+    model, _ = build_model(m["name"], m["num_classes"], None, m.get("class_names"), device,
+                           model_kwargs=m.get("model_kwargs"), for_loading=True)
     model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return model.eval(), meta

@@ -18,19 +18,27 @@ import time
 import torch
 
 from . import data as D
+from . import folder_data
 from .evaluate import evaluate_sets, load_test_tensors
 from .methods import METHODS, method_params
-from .train import train_run, write_record
+from .train import recalibrate_saved_run, train_run, write_record
 
 DEFAULT_CONFIG = {
-    "name": "experiment", "output_dir": "runs/experiment", "model": "efficientnet_lite0",
+    # output_dir: the report (results.md/.csv/.json, id_vs_ood.png); work_dir: model.pt + run.json
+    # of every run and the test-set cache (default runs/<name>, git-ignored).
+    "name": "experiment", "output_dir": "runs/experiment", "work_dir": None, "model": "efficientnet_lite0",
+    "device": "cpu",  # e.g. cuda for the folder benchmarks
     "pretrained": None, "num_classes": 10, "image_size": 32, "threads": 2, "progress": True,
-    "isolate": False,
-    "data": {"seed": 0, "n_val": 500, "n_test": 1000, "n_train": None, "test_limit": None},
+    "isolate": False, "resume": True,
+    "model_kwargs": None,
+    # dataset: "mnist" (embedded) or a benchmark folder (imagenet, imagenet-lt, domainnet, iwildcam,
+    # cifar100-c) at root; see folder_data.py and docs/benchmarks_data.md.
+    "data": {"dataset": "mnist", "root": None, "seed": 0, "n_val": 500, "n_test": 1000, "n_train": None,
+             "test_limit": None, "num_workers": 2},
     "train": {"steps": 200, "batch_size": 32, "warmup_frac": 0.1, "augment": False,
               "recalibrate_bn": False, "bn_batches": 10},
     "methods": ["gmixout"], "seeds": [0], "method_params": {}, "search": {},
-    "test_sets": ["test", *D.DEMO_OOD_SETS],
+    "test_sets": None,  # None: mnist -> test + DEMO_OOD_SETS; a folder -> test + its OOD splits
 }
 
 
@@ -49,16 +57,26 @@ def validate(cfg: dict) -> dict:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r} in methods; allowed: {', '.join(METHODS)}")
     for m, grid in cfg["search"].items():
-        if m not in cfg["methods"]:
-            raise ValueError(f"search lists method {m!r} that is not in methods {cfg['methods']}")
+        if m not in METHODS:  # entries for known methods that are not run are ignored
+            raise ValueError(f"search lists unknown method {m!r}; allowed: {', '.join(METHODS)}")
         method_params(m, {k: v[0] for k, v in grid.items()})  # names must exist
         for k, v in grid.items():
             if not isinstance(v, list) or not v:
                 raise ValueError(f"search.{m}.{k} must be a non-empty list, got {v!r}")
     for m, hp in cfg["method_params"].items():
         method_params(m, hp)
-    for name in cfg["test_sets"]:
-        D.parse_test_set(name)
+    folder = cfg["data"].get("dataset", "mnist") != "mnist"
+    if folder:
+        from .folders import BENCHMARKS
+        if cfg["data"]["dataset"] not in BENCHMARKS:
+            raise ValueError(f"unknown data.dataset {cfg['data']['dataset']!r}; allowed: mnist, {', '.join(BENCHMARKS)}")
+        if not cfg["data"].get("root"):
+            raise ValueError(f"data.dataset {cfg['data']['dataset']!r} needs data.root (--data-root), the benchmark folder")
+    if cfg["test_sets"] is None:
+        cfg["test_sets"] = folder_data.default_test_sets(cfg["data"]) if folder else ["test", *D.DEMO_OOD_SETS]
+    elif not folder:  # folder split names are checked by load_benchmark, which lists the known ones
+        for name in cfg["test_sets"]:
+            D.parse_test_set(name)
     if not cfg["seeds"]:
         raise ValueError("seeds must list at least one seed")
     return cfg
@@ -78,8 +96,47 @@ def _child(queue, args):
     queue.put(train_run(*args))
 
 
+def fingerprint(cfg: dict, method: str, overrides: dict, seed: int) -> str:
+    """Hash of everything that decides a training run's result (not the test sets or the report)."""
+    import hashlib
+
+    keys = ("model", "pretrained", "num_classes", "image_size", "model_kwargs")
+    data = {k: v for k, v in cfg["data"].items() if k not in ("test_limit", "num_workers")}
+    train = {k: v for k, v in cfg["train"].items() if k != "recalibrate_bn"}  # a post-training step
+    blob = {**{k: cfg.get(k) for k in keys}, "data": data, "train": train, "method": method,
+            "hp": method_params(method, overrides), "seed": seed}
+    return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _train(cfg, method, overrides, seed, run_dir):
-    """Train in this process, or in a fresh one when ``isolate`` (a clean peak-memory figure)."""
+    """Train in this process, or in a fresh one when ``isolate`` (a clean peak-memory figure).
+
+    With ``resume: true`` a run directory whose run.json carries the same ``fingerprint`` is
+    reused instead of trained again (an interrupted comparison picks up where it stopped).
+    """
+    fp = fingerprint(cfg, method, overrides, seed)
+    meta = os.path.join(run_dir, "run.json")
+    rec = None
+    if cfg.get("resume") and os.path.exists(meta) and os.path.exists(os.path.join(run_dir, "model.pt")):
+        with open(meta) as f:
+            rec = json.load(f)
+        if rec.get("fingerprint") == fp:
+            print(f"[resume] reusing {run_dir}", flush=True)
+        else:
+            rec = None
+    if rec is None:
+        rec = _train_now(cfg, method, overrides, seed, run_dir)
+        rec["fingerprint"] = fp
+        write_record(run_dir, rec)
+    if cfg["train"].get("recalibrate_bn"):
+        rec = recalibrate_saved_run(cfg, run_dir, rec)
+    elif rec.get("bn_recalibrated"):
+        raise ValueError(f"{run_dir} holds a model with re-estimated BatchNorm statistics but train.recalibrate_bn "
+                         "is off: use another work_dir or resume=false")
+    return rec
+
+
+def _train_now(cfg, method, overrides, seed, run_dir):
     args = (cfg, method, overrides, seed, run_dir, cfg["progress"])
     if not cfg["isolate"]:
         return train_run(*args)
@@ -99,6 +156,7 @@ def run_experiment(cfg: dict) -> dict:
     cfg = validate(cfg)
     torch.set_num_threads(cfg.get("threads", 1))
     out = cfg["output_dir"]
+    work = cfg["work_dir"] or os.path.join("runs", cfg["name"])
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     first, runs, selection = cfg["seeds"][0], [], {}
@@ -108,27 +166,31 @@ def run_experiment(cfg: dict) -> dict:
         candidates = []
         for combo in _grid(cfg["search"].get(method, {})):
             ov = {**base, **combo}
-            run_dir = os.path.join(out, "runs", f"{method}-{_tag(combo)}-s{first}")
+            run_dir = os.path.join(work, "runs", f"{method}-{_tag(combo)}-s{first}")
             rec = _train(cfg, method, ov, first, run_dir)
             print(f"[search] {method} {combo or '(defaults)'} seed {first}: ID val {rec['val']:.4f}", flush=True)
             candidates.append((rec["val"], combo, run_dir))
         best_val, best, best_dir = max(candidates, key=lambda c: c[0])  # max keeps the first of ties
         selection[method] = {"chosen": best, "val_by_candidate": [[c[1], c[0]] for c in candidates]}
         for seed in cfg["seeds"]:
-            run_dir = best_dir if seed == first else os.path.join(out, "runs", f"{method}-{_tag(best)}-s{seed}")
+            run_dir = best_dir if seed == first else os.path.join(work, "runs", f"{method}-{_tag(best)}-s{seed}")
             if seed != first:
                 _train(cfg, method, {**base, **best}, seed, run_dir)
-            model, rec = load_saved_model(os.path.join(run_dir, "model.pt"))
+            model, rec = load_saved_model(os.path.join(run_dir, "model.pt"), cfg.get("device") or "cpu")
             torch.set_num_threads(cfg.get("threads", 1))
-            if test_tensors is None:
-                m = rec["model"]
-                test_tensors = load_test_tensors(cfg["test_sets"], cfg["data"], m["image_size"], m["mean"], m["std"],
-                                                 os.path.join(out, "cache"))
-            rec["test"] = evaluate_sets(model, test_tensors, cfg["progress"])
+            m = rec["model"]
+            if cfg["data"].get("dataset", "mnist") != "mnist":
+                rec["test"] = folder_data.evaluate_folder_sets(model, cfg["data"], cfg["test_sets"], m["image_size"],
+                                                               m["mean"], m["std"], cfg["data"].get("num_workers", 2))
+            else:
+                if test_tensors is None:
+                    test_tensors = load_test_tensors(cfg["test_sets"], cfg["data"], m["image_size"], m["mean"], m["std"],
+                                                     os.path.join(work, "cache"))
+                rec["test"] = evaluate_sets(model, test_tensors, cfg["progress"])
             write_record(run_dir, rec)
             print(f"[final] {method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["test"].items()), flush=True)
             runs.append(rec)
-    result = {"config": cfg, "selection": selection, "runs": runs, "total_wall_s": time.time() - t_start,
+    result = {"config": cfg, "work_dir": work, "selection": selection, "runs": runs, "total_wall_s": time.time() - t_start,
               "machine": machine_description()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -11,8 +11,8 @@ architecture as the input, no wrappers) that is saved and evaluated.
   al. 2022). The new head has no pretrained value, so it is taken from ``W_ft`` for every alpha;
   BatchNorm statistics are re-estimated on ID training batches after interpolation. ``alpha``
   is picked on the ID validation split from ``alphas`` and reported.
-- ``lora``: peft LoRA (rank ``lora_r``) on the 1x1 convolutions / Linear layers named in
-  ``lora_targets``; the head trains fully; merged into a plain model at the end.
+- ``lora``: peft LoRA (rank ``lora_r``) on the modules named in ``lora_targets`` (default:
+  every Linear and 1x1 Conv2d outside the head); the head trains fully; merged at the end.
 - ``mixout``: original Mixout (Lee et al. 2020) via ``gmixout_optim.reference.MixoutReference``:
   ``W = u + M * (w - u) / (1 - p)``, ``u`` the pretrained weights, ``M ~ Bernoulli(1-p)`` drawn
   every forward; the plain model holds ``w``.
@@ -36,7 +36,7 @@ DEFAULTS = {
     "ema": {"lr": 1e-3, "weight_decay": 0.05, "ema_decay": 0.99},
     "wise_ft": {"lr": 1e-3, "weight_decay": 0.05, "alphas": [0.25, 0.5, 0.75, 1.0]},
     "lora": {"lr": 3e-3, "weight_decay": 0.0, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-             "lora_targets": ["conv_pw", "conv_pwl", "conv_head"]},
+             "lora_targets": None},  # None: every Linear and 1x1 Conv2d outside the head (see lora_targets)
     "mixout": {"lr": 1e-3, "weight_decay": 0.05, "p": 0.9},
     "gmixout": {"lr": 1e-3, "weight_decay": 0.05, "p": 0.9, "ema_decay": 0.3, "resample_every": 50},
 }
@@ -179,6 +179,28 @@ class WiSEMethod(Method):
         return any(key == h or key.startswith(h + ".") for h in self.head_names)
 
 
+def lora_targets(model: nn.Module, head_names) -> list:
+    """Module names for LoRA: Linear and 1x1 (non-grouped) Conv2d layers outside the head.
+
+    On EfficientNet-Lite0 these are the pointwise convolutions (``conv_pw``, ``conv_pwl``) and
+    ``conv_head``; on ViTs ``qkv``, ``proj``, ``fc1``, ``fc2``. The output projection inside
+    ``nn.MultiheadAttention`` is skipped: that module reads its weight directly, so a LoRA
+    wrapper there would never run.
+    """
+    heads = [h.rstrip(".") for h in head_names]
+    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                    for c, _ in m.named_children()}
+    out = []
+    for name, m in model.named_modules():
+        if any(name == h or name.startswith(h + ".") for h in heads) or name in mha_children:
+            continue
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1):
+            out.append(name)
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no Linear or 1x1 Conv2d layer outside {heads} for LoRA")
+    return out
+
+
 class LoRAMethod(Method):
     name = "lora"
 
@@ -187,7 +209,8 @@ class LoRAMethod(Method):
 
         super().setup(model, head_names)
         cfg = LoraConfig(r=self.hp["lora_r"], lora_alpha=self.hp["lora_alpha"],
-                         lora_dropout=self.hp["lora_dropout"], target_modules=list(self.hp["lora_targets"]),
+                         lora_dropout=self.hp["lora_dropout"],
+                         target_modules=list(self.hp["lora_targets"] or lora_targets(model, head_names)),
                          modules_to_save=list(head_names))
         torch.manual_seed(self.seed)  # LoRA's A matrices are drawn here
         return get_peft_model(model, cfg)
@@ -200,18 +223,19 @@ class MixoutMethod(Method):
     name = "mixout"
 
     def setup(self, model, head_names):
-        from gmixout_optim.reference import MixoutReference
+        from gmixout_optim.reference import MixoutReference, gmixout_parameter_names
 
         super().setup(model, head_names)
-        self.mixout = MixoutReference(model, p=self.hp["p"], exclude=list(head_names), seed=self.seed)
-        return self.mixout.model if hasattr(self.mixout, "model") else model
+        # Same tensors as GMixout's sparse group (Linear/Conv weights outside the head).
+        names = gmixout_parameter_names(model, head_names=list(head_names))
+        self.mixout = MixoutReference(model, names=names, p=self.hp["p"], seed=self.seed)
+        return self.mixout
 
     def finish(self, model, tools):
-        return self.mixout.unwrap() if hasattr(self.mixout, "unwrap") else model
+        return self.mixout.model  # holds w: Mixout evaluates on the trained weights
 
     def state_bytes(self):
-        anchors = getattr(self.mixout, "anchor_bytes", None)
-        return super().state_bytes() + (anchors() if callable(anchors) else 0)
+        return super().state_bytes() + tensor_bytes(self.mixout.pretrained)
 
 
 class GMixoutMethod(Method):
@@ -245,4 +269,5 @@ _CLASSES = {c.name: c for c in (Method, EMAMethod, WiSEMethod, LoRAMethod, Mixou
 
 def make_method(name: str, overrides: dict | None = None, seed: int = 0) -> Method:
     """Instantiate a method by name with its hyperparameters (defaults + ``overrides``)."""
-    return _CLASSES[name](method_params(name, overrides), seed)
+    hp = method_params(name, overrides)  # validates the name first
+    return _CLASSES[name](hp, seed)

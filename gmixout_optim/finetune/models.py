@@ -107,8 +107,14 @@ def _last_linear_name(model: nn.Module) -> str:
 
 
 def build_model(name: str, num_classes: int = 10, pretrained_path: str | None = None,
-                class_names=None, device: str = "cpu", head_seed: int = 0) -> tuple[nn.Module, ModelInfo]:
-    """Build a model by registry name; returns ``(model, ModelInfo)``."""
+                class_names=None, device: str = "cpu", head_seed: int = 0, model_kwargs: dict | None = None,
+                for_loading: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """Build a model by registry name; returns ``(model, ModelInfo)``.
+
+    ``model_kwargs`` go to timm's ``create_model`` for ``vit:`` models (e.g. ``img_size``).
+    ``for_loading=True`` builds only the architecture that a saved state dict will fill
+    (CLIP: no zero-shot head from the text tower).
+    """
     if name == "efficientnet_lite0":
         model = build_efficientnet_lite0(num_classes, pretrained_path, head_seed)
         info = ModelInfo(name, ["classifier"], *_HALF)
@@ -119,11 +125,11 @@ def build_model(name: str, num_classes: int = 10, pretrained_path: str | None = 
         from .clip import build_clip_classifier
         if class_names is None:
             raise ValueError("a clip: model needs class_names for its zero-shot head")
-        model = build_clip_classifier(name[5:], pretrained_path, list(class_names), device)
+        model = build_clip_classifier(name[5:], pretrained_path, list(class_names), device, zero_shot=not for_loading)
         info = ModelInfo(name, [_last_linear_name(model)], *_CLIP)
     elif name.startswith("vit:") and len(name) > 4:
         from .clip import build_timm_vit
-        model = build_timm_vit(name[4:], pretrained_path, num_classes)
+        model = build_timm_vit(name[4:], pretrained_path, num_classes, **(model_kwargs or {}))
         info = ModelInfo(name, [_last_linear_name(model)], *_HALF)
     else:
         raise ValueError(f"unknown model {name!r}; allowed: {MODEL_NAMES_HELP}")

@@ -28,8 +28,12 @@ def summarize(result: dict) -> list[dict]:
         by_method.setdefault(rec["method"], []).append(rec)
     rows = []
     for method, recs in by_method.items():
-        ood_names = [n for n in recs[0]["test"] if n not in (ID_SET, "val")]
-        row = {"method": method, "seeds": [r["seed"] for r in recs], "ood_sets": ood_names}
+        # test@GROUP (ImageNet-LT's many/medium/few) are ID figures, not OOD sets
+        extra = [n for n in recs[0]["test"] if n.startswith(ID_SET + "@")]
+        ood_names = [n for n in recs[0]["test"] if n not in (ID_SET, "val") and n not in extra]
+        row = {"method": method, "seeds": [r["seed"] for r in recs], "ood_sets": ood_names, "id_extra": extra}
+        for n in extra:
+            row[n] = _ms(100 * r["test"][n] for r in recs)
         row["id"] = _ms(100 * r["test"][ID_SET] for r in recs) if ID_SET in recs[0]["test"] else (float("nan"), 0.0)
         for n in ood_names:
             row[n] = _ms(100 * r["test"][n] for r in recs)
@@ -58,13 +62,14 @@ def _fmt(ms, digits=1):
 
 def markdown_table(rows: list[dict]) -> str:
     ood = rows[0]["ood_sets"] if rows else []
-    head = ["method", "ID", *map(_short, ood), "mean OOD", "train s", "peak MB", "state MB", "chosen on ID val"]
+    extra = rows[0].get("id_extra", []) if rows else []
+    head = ["method", "ID", *extra, *map(_short, ood), "mean OOD", "train s", "peak MB", "state MB", "chosen on ID val"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or "defaults"
         if "wise_alpha" in r:
             chosen += f"; alpha={r['wise_alpha']}"
-        cells = [r["method"], _fmt(r["id"]), *(_fmt(r[n]) for n in ood), f"**{_fmt(r['mean_ood'])}**",
+        cells = [r["method"], _fmt(r["id"]), *(_fmt(r[n]) for n in extra), *(_fmt(r[n]) for n in ood), f"**{_fmt(r['mean_ood'])}**",
                  f"{r['wall_s'][0]:.0f}", f"{r['peak_mem_mb'][0]:.0f}", f"{r['state_mb'][0]:.1f}", chosen]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -72,7 +77,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: str) -> None:
     ood = rows[0]["ood_sets"] if rows else []
-    cols = ["id", *ood, "mean_ood", "val", "wall_s", "peak_mem_mb", "state_mb"]
+    cols = ["id", *(rows[0].get("id_extra", []) if rows else []), *ood, "mean_ood", "val", "wall_s", "peak_mem_mb", "state_mb"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "n_seeds", *(f"{c}_{s}" for c in cols for s in ("mean", "std")), "trainable_params", "chosen"])
@@ -93,10 +98,13 @@ def plot(result: dict, rows: list[dict], path: str) -> None:
         c = colors[i % len(colors)]
         recs = [x for x in result["runs"] if x["method"] == r["method"]]
         xs = [100 * x["test"][ID_SET] for x in recs]
-        ys = [100 * statistics.fmean(x["test"][n] for n in r["ood_sets"]) for x in recs]
+        ys = [100 * statistics.fmean(x["test"][n] for n in r["ood_sets"]) if r["ood_sets"] else float("nan")
+              for x in recs]
         ax.scatter(xs, ys, s=12, color=c, alpha=0.45, linewidths=0)
         ax.errorbar(r["id"][0], r["mean_ood"][0], xerr=r["id"][1], yerr=r["mean_ood"][1], fmt="o", ms=7,
                     color=c, capsize=3, label=f"{r['method']} ({len(recs)} seeds)")
+        ax.annotate(r["method"], (r["id"][0], r["mean_ood"][0]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8, color=c)
     ax.set_xlabel(f"ID accuracy (%) [{ID_SET}]")
     ax.set_ylabel(f"mean OOD accuracy (%) over {len(rows[0]['ood_sets']) if rows else 0} sets")
     ax.set_title(result.get("config", {}).get("name", "comparison") + ": mean ± std over seeds")
@@ -123,7 +131,7 @@ def write_report(result: dict, out_dir: str) -> dict:
           "(EMA weights; Mixout's anchor).", "",
           f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs ({machine.get('torch_threads')} torch "
           f"threads), {machine.get('platform')}, torch {machine.get('torch')}, timm {machine.get('timm')}. "
-          f"Total wall time {result.get('total_wall_s', 0) / 60:.1f} min.", ""]
+          f"Sum of the training wall times of the final runs: {sum(r['train_wall_s'] for r in result['runs']) / 60:.1f} min.", ""]
     sel = result.get("selection", {})
     if sel:
         md.append("ID-val search (val accuracy per candidate):")
@@ -138,3 +146,11 @@ def write_report(result: dict, out_dir: str) -> dict:
         json.dump({"rows": rows, "machine": machine, "selection": sel}, f, indent=1)
     plot(result, rows, os.path.join(out_dir, "id_vs_ood.png"))
     return {"rows": rows}
+
+
+if __name__ == "__main__":  # regenerate the report files from a results.json: python -m ...report PATH
+    import sys
+
+    path = sys.argv[1]
+    with open(path) as f:
+        write_report(json.load(f), os.path.dirname(os.path.abspath(path)))

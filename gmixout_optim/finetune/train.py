@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from . import folder_data
 from .evaluate import accuracy
 from .methods import make_method
 from .models import build_model
@@ -71,11 +72,8 @@ def lr_factor(step: int, total: int, warmup_frac: float) -> float:
 class _Tools:
     """What ``Method.finish`` may use: ID validation accuracy and BN re-estimation on ID train."""
 
-    def __init__(self, val, train_batches, bn_batches):
-        self.val, self.train_batches, self.bn_batches = val, train_batches, bn_batches
-
-    def val_accuracy(self, model):
-        return accuracy(model, *self.val)
+    def __init__(self, val_accuracy, train_batches, bn_batches):
+        self.val_accuracy, self.train_batches, self.bn_batches = val_accuracy, train_batches, bn_batches
 
     @torch.no_grad()
     def recalibrate_bn(self, model):
@@ -88,8 +86,9 @@ class _Tools:
             m.momentum = None  # cumulative average over the calibration batches
         was = model.training
         model.train()
+        device = next(model.parameters()).device
         for _ in range(self.bn_batches):
-            model(self.train_batches.next()[0])
+            model(self.train_batches.next()[0].to(device))
         model.train(was)
         for m, mom in zip(bns, saved):
             m.momentum = mom
@@ -108,6 +107,43 @@ def load_id_tensors(cfg: dict, mean, std) -> dict:
             "val": (D.to_model_input(xv, size, mean, std), torch.from_numpy(yv))}
 
 
+def id_data_source(cfg: dict, model, info, seed: int):
+    """``(train batches, val_accuracy(model))`` for the embedded data or a benchmark folder."""
+    tr, d = cfg.get("train", {}), cfg.get("data", {})
+    if d.get("dataset", "mnist") != "mnist":
+        fd = folder_data.FolderData(cfg, model, info, seed)
+        return fd.batches, fd.val_accuracy
+    id_data = load_id_tensors(cfg, info.mean, info.std)
+    batches = D.TensorBatches(*id_data["train"], tr.get("batch_size", 32), seed, tr.get("augment", False))
+    return batches, (lambda m: accuracy(m, *id_data["val"]))
+
+
+def recalibrate_saved_run(cfg: dict, run_dir: str, rec: dict) -> dict:
+    """Re-estimate a saved model's BatchNorm statistics on ``bn_batches`` ID training batches.
+
+    Applied after training to every method alike when ``train.recalibrate_bn`` is on: methods
+    whose deployed weights differ from the weights the running statistics were collected
+    with (GMixout's merged anchor, Mixout's ``w``, EMA, WiSE) otherwise carry mismatched
+    statistics. The batches are drawn with the run's seed, statistics are reset and averaged
+    over them, so the step is idempotent; ``model.pt`` is overwritten, ``val`` updated and the
+    value before kept as ``val_before_bn``.
+    """
+    from .evaluate import load_saved_model
+    from .models import ModelInfo
+
+    if rec.get("bn_recalibrated"):
+        return rec
+    model, _ = load_saved_model(os.path.join(run_dir, "model.pt"), cfg.get("device") or "cpu")
+    m = rec["model"]
+    info = ModelInfo(m["name"], [], tuple(m["mean"]), tuple(m["std"]))
+    batches, val_accuracy = id_data_source(cfg, model, info, rec["seed"])
+    _Tools(val_accuracy, batches, int(cfg.get("train", {}).get("bn_batches", 10))).recalibrate_bn(model)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(run_dir, "model.pt"))
+    rec = {**rec, "val_before_bn": rec["val"], "val": val_accuracy(model), "bn_recalibrated": True}
+    write_record(run_dir, rec)
+    return rec
+
+
 def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: str,
               progress: bool = True) -> dict:
     """Train one (method, hyperparameters, seed); save ``model.pt`` + ``run.json`` in ``run_dir``.
@@ -117,12 +153,15 @@ def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: 
     """
     from tqdm.auto import tqdm
 
-    tr = cfg.get("train", {})
+    tr, d = cfg.get("train", {}), cfg.get("data", {})
     torch.manual_seed(seed)
-    model, info = build_model(cfg["model"], cfg.get("num_classes", 10), cfg.get("pretrained"),
-                              D.CLASS_NAMES, head_seed=seed)
-    id_data = load_id_tensors(cfg, info.mean, info.std)
-    batches = D.TensorBatches(*id_data["train"], tr.get("batch_size", 32), seed, tr.get("augment", False))
+    folder = d.get("dataset", "mnist") != "mnist"  # else the embedded MNIST data
+    names = folder_data.class_names(d) if folder else list(D.CLASS_NAMES)
+    num_classes = len(names) if folder else cfg.get("num_classes", 10)
+    device = torch.device(cfg.get("device") or "cpu")
+    model, info = build_model(cfg["model"], num_classes, cfg.get("pretrained"), names, device=device,
+                              head_seed=seed, model_kwargs=cfg.get("model_kwargs"))
+    batches, val_accuracy = id_data_source(cfg, model, info, seed)
     method = make_method(method_name, overrides, seed)
     steps, warmup = int(tr.get("steps", 100)), float(tr.get("warmup_frac", 0.1))
 
@@ -137,7 +176,7 @@ def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: 
             for g, lr in zip(opt.param_groups, base):
                 g["lr"] = lr * lr_factor(step, steps, warmup)
             x, y = batches.next()
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -145,25 +184,24 @@ def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: 
             if step % 10 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         state_bytes = method.state_bytes()
-        tools = _Tools(id_data["val"], batches, int(tr.get("bn_batches", 10)))
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        tools = _Tools(val_accuracy, batches, int(tr.get("bn_batches", 10)))
         final = method.finish(net, tools)
-        if tr.get("recalibrate_bn", False):  # same treatment for every method when switched on
-            tools.recalibrate_bn(final)
     wall = time.perf_counter() - t0
 
     record = {
         "method": method_name, "seed": seed, "hp": method.hp, "overrides": dict(overrides or {}),
-        "val": accuracy(final, *id_data["val"]), "train_wall_s": wall, "steps": steps,
+        "val": val_accuracy(final), "train_wall_s": wall, "steps": steps,
         "peak_mem_bytes": mem.peak_bytes, "state_bytes": state_bytes,
-        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "trainable_params": trainable,
         "extra": method.extra,
-        "model": {"name": cfg["model"], "num_classes": cfg.get("num_classes", 10),
-                  "pretrained": cfg.get("pretrained"), "class_names": list(D.CLASS_NAMES),
+        "model": {"name": cfg["model"], "num_classes": num_classes, "model_kwargs": cfg.get("model_kwargs"),
+                  "pretrained": cfg.get("pretrained"), "class_names": names,
                   "image_size": cfg["image_size"], "mean": list(info.mean), "std": list(info.std)},
         "data": cfg.get("data", {}),
     }
     os.makedirs(run_dir, exist_ok=True)
-    torch.save(final.state_dict(), os.path.join(run_dir, "model.pt"))
+    torch.save({k: v.cpu() for k, v in final.state_dict().items()}, os.path.join(run_dir, "model.pt"))
     write_record(run_dir, record)
     return record
 

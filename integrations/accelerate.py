@@ -1,0 +1,65 @@
+"""GMixout under Hugging Face Accelerate (plain DDP, FSDP2, FSDP1 and DeepSpeed plugins).
+
+``accelerator.prepare(model, GMixoutOptimizer(...))`` works as is for single-process and DDP
+runs. Sharding plugins need the supports located in the logical model and checkpoints that
+keep every rank's compact state; :func:`prepare` does both around ``accelerator.prepare``::
+
+    from gmixout_optim.integrations.accelerate import prepare
+    model, opt, loader = prepare(accelerator, model, opt, loader)
+
+- FSDP2 / FSDP1 / DDP: :func:`gmixout_optim.integrations.fsdp.attach` (locator from each
+  DTensor shard's global offset, DTensor-wrapped compact state for DCP, which Accelerate's
+  ``save_state`` / ``load_state`` use for FSDP2 with ``SHARDED_STATE_DICT``);
+- DeepSpeed: :func:`gmixout_optim.integrations.deepspeed.install_locator` before DeepSpeed
+  wraps the optimizer (it records the parameters of each group while they are the model's);
+  keep ``"optimizer"`` out of the DeepSpeed config (Accelerate refuses both) and set
+  ``zero_force_ds_cpu_optimizer: false`` when offloading the optimizer, or Accelerate swaps
+  the optimizer for DeepSpeedCPUAdam.
+
+Nothing here changes Accelerate itself; all the glue sits on the optimizer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gmixout_optim import GMixoutOptimizer
+
+__all__ = ["prepare", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(opt: Any) -> GMixoutOptimizer:
+    """The GMixoutOptimizer inside an ``AcceleratedOptimizer`` (or a DeepSpeed engine's)."""
+    seen = opt
+    for _ in range(4):
+        if isinstance(seen, GMixoutOptimizer):
+            return seen
+        seen = getattr(seen, "optimizer", None) or getattr(seen, "basic_optimizer", None)
+    raise TypeError(f"no GMixoutOptimizer inside {type(opt).__name__}")
+
+
+def prepare(accelerator: Any, *objects: Any) -> Any:
+    """``accelerator.prepare(*objects)`` plus the GMixout glue for the active plugin.
+
+    Exactly one of ``objects`` must be a GMixoutOptimizer (and one a model, for the sharded
+    plugins). Returns what ``accelerator.prepare`` returns.
+    """
+    from accelerate.utils import DistributedType
+
+    opts = [o for o in objects if isinstance(o, GMixoutOptimizer)]
+    if len(opts) != 1:
+        raise ValueError(f"prepare expects exactly one GMixoutOptimizer among the objects, got {len(opts)}")
+    opt = opts[0]
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        from gmixout_optim.integrations import deepspeed as ds
+        ds.install_locator(opt)
+    prepared = accelerator.prepare(*objects)
+    if kind != DistributedType.DEEPSPEED:
+        from torch import nn
+
+        from gmixout_optim.integrations import fsdp
+        result = prepared if isinstance(prepared, tuple) else (prepared,)
+        models = [m for m in result if isinstance(m, nn.Module)]
+        fsdp1 = kind == DistributedType.FSDP and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
+        fsdp.attach(opt, models[0] if fsdp1 and models else None)
+    return prepared
