@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count(), "threads": args.threads, "load_avg": os.getloadavg()},
               "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
-              "settings": vars(args), "rows": rows}
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -30,6 +31,7 @@ DEFAULT_CONFIG = {
     "device": "cpu",  # e.g. cuda for the folder benchmarks
     "pretrained": None, "num_classes": 10, "image_size": 32, "threads": 2, "progress": True,
     "isolate": False, "resume": True,
+    "memory_probe_steps": 20,  # >0: peak memory per method measured in a fresh process over this many steps
     "model_kwargs": None,
     # dataset: "mnist" (embedded) or a benchmark folder (imagenet, imagenet-lt, domainnet, iwildcam,
     # cifar100-c) at root; see folder_data.py and docs/benchmarks_data.md.
@@ -149,6 +151,17 @@ def _train_now(cfg, method, overrides, seed, run_dir):
     return rec
 
 
+def memory_probe(cfg: dict, method: str, overrides: dict, seed: int, steps: int, tmp_dir: str) -> int:
+    """Peak RSS growth (bytes) of ``steps`` training steps + the method's finish, in a fresh process.
+
+    Memory does not depend on the seed or the step budget, and a long-lived process that ran
+    other methods before keeps freed pages mapped; a spawned process per method gives a clean figure.
+    """
+    probe = copy.deepcopy(cfg)
+    probe["train"]["steps"], probe["isolate"], probe["progress"] = steps, True, False
+    return _train_now(probe, method, overrides, seed, tmp_dir)["peak_mem_bytes"]
+
+
 def run_experiment(cfg: dict) -> dict:
     """Run the search and the seeds; returns ``{"runs": [...], "selection": {...}}`` and writes the report."""
     from .evaluate import load_saved_model
@@ -168,7 +181,7 @@ def run_experiment(cfg: dict) -> dict:
             ov = {**base, **combo}
             run_dir = os.path.join(work, "runs", f"{method}-{_tag(combo)}-s{first}")
             rec = _train(cfg, method, ov, first, run_dir)
-            print(f"[search] {method} {combo or '(defaults)'} seed {first}: ID val {rec['val']:.4f}", flush=True)
+            print(f"[search] {method} {combo or '(no search)'} seed {first}: ID val {rec['val']:.4f}", flush=True)
             candidates.append((rec["val"], combo, run_dir))
         best_val, best, best_dir = max(candidates, key=lambda c: c[0])  # max keeps the first of ties
         selection[method] = {"chosen": best, "val_by_candidate": [[c[1], c[0]] for c in candidates]}
@@ -179,7 +192,9 @@ def run_experiment(cfg: dict) -> dict:
             model, rec = load_saved_model(os.path.join(run_dir, "model.pt"), cfg.get("device") or "cpu")
             torch.set_num_threads(cfg.get("threads", 1))
             m = rec["model"]
-            if cfg["data"].get("dataset", "mnist") != "mnist":
+            if cfg.get("resume") and rec.get("test_sets") == cfg["test_sets"] and "test" in rec:
+                pass  # scores of this very model.pt on these sets are already in run.json
+            elif cfg["data"].get("dataset", "mnist") != "mnist":
                 rec["test"] = folder_data.evaluate_folder_sets(model, cfg["data"], cfg["test_sets"], m["image_size"],
                                                                m["mean"], m["std"], cfg["data"].get("num_workers", 2))
             else:
@@ -187,9 +202,16 @@ def run_experiment(cfg: dict) -> dict:
                     test_tensors = load_test_tensors(cfg["test_sets"], cfg["data"], m["image_size"], m["mean"], m["std"],
                                                      os.path.join(work, "cache"))
                 rec["test"] = evaluate_sets(model, test_tensors, cfg["progress"])
+            rec["test_sets"] = list(cfg["test_sets"])
             write_record(run_dir, rec)
             print(f"[final] {method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["test"].items()), flush=True)
             runs.append(rec)
+        if cfg.get("memory_probe_steps"):
+            with tempfile.TemporaryDirectory() as tmp:
+                peak = memory_probe(cfg, method, {**base, **best}, first, int(cfg["memory_probe_steps"]), tmp)
+            selection[method]["probe_peak_mem_bytes"] = peak
+            print(f"[memory] {method}: peak RSS growth {peak / 2**20:.0f} MB "
+                  f"({cfg['memory_probe_steps']} steps, fresh process)", flush=True)
     result = {"config": cfg, "work_dir": work, "selection": selection, "runs": runs, "total_wall_s": time.time() - t_start,
               "machine": machine_description()}
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -41,10 +41,13 @@ def summarize(result: dict) -> list[dict]:
             else (float("nan"), 0.0)
         row["val"] = _ms(100 * r["val"] for r in recs)
         row["wall_s"] = _ms(r["train_wall_s"] for r in recs)
-        row["peak_mem_mb"] = _ms(r["peak_mem_bytes"] / 2**20 for r in recs)
+        probe = result.get("selection", {}).get(method, {}).get("probe_peak_mem_bytes")
+        # a fresh-process probe when the experiment ran one (clean); else the in-run figures
+        row["peak_mem_mb"] = (probe / 2**20, 0.0) if probe is not None else _ms(r["peak_mem_bytes"] / 2**20 for r in recs)
         row["state_mb"] = _ms(r["state_bytes"] / 2**20 for r in recs)
         row["trainable_params"] = recs[0]["trainable_params"]
         row["chosen"] = result.get("selection", {}).get(method, {}).get("chosen", {})
+        row["lr"] = recs[0].get("hp", {}).get("lr")
         alphas = [r["extra"]["wise_alpha"] for r in recs if "wise_alpha" in r.get("extra", {})]
         if alphas:
             row["wise_alpha"] = alphas
@@ -66,7 +69,7 @@ def markdown_table(rows: list[dict]) -> str:
     head = ["method", "ID", *extra, *map(_short, ood), "mean OOD", "train s", "peak MB", "state MB", "chosen on ID val"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or "defaults"
+        chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or f"none (lr={r.get('lr')} set in the config)"
         if "wise_alpha" in r:
             chosen += f"; alpha={r['wise_alpha']}"
         cells = [r["method"], _fmt(r["id"]), *(_fmt(r[n]) for n in extra), *(_fmt(r[n]) for n in ood), f"**{_fmt(r['mean_ood'])}**",
@@ -94,17 +97,23 @@ def plot(result: dict, rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    labels = {}  # methods landing on the same point (e.g. WiSE-FT picking alpha=1) share one label
+    for r in rows:
+        labels.setdefault((round(r["id"][0], 2), round(r["mean_ood"][0], 2)), []).append(r["method"])
     for i, r in enumerate(rows):
-        c = colors[i % len(colors)]
+        c, mk = colors[i % len(colors)], markers[i % len(markers)]
         recs = [x for x in result["runs"] if x["method"] == r["method"]]
         xs = [100 * x["test"][ID_SET] for x in recs]
         ys = [100 * statistics.fmean(x["test"][n] for n in r["ood_sets"]) if r["ood_sets"] else float("nan")
               for x in recs]
-        ax.scatter(xs, ys, s=12, color=c, alpha=0.45, linewidths=0)
-        ax.errorbar(r["id"][0], r["mean_ood"][0], xerr=r["id"][1], yerr=r["mean_ood"][1], fmt="o", ms=7,
-                    color=c, capsize=3, label=f"{r['method']} ({len(recs)} seeds)")
-        ax.annotate(r["method"], (r["id"][0], r["mean_ood"][0]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8, color=c)
+        ax.scatter(xs, ys, s=12, color=c, marker=mk, alpha=0.45, linewidths=0)
+        ax.errorbar(r["id"][0], r["mean_ood"][0], xerr=r["id"][1], yerr=r["mean_ood"][1], fmt=mk, ms=7,
+                    color=c, capsize=3, label=f"{r['method']} ({len(recs)} seeds)", mfc="none" if i % 2 else c)
+        key = (round(r["id"][0], 2), round(r["mean_ood"][0], 2))
+        if labels.get(key, [None])[0] == r["method"]:
+            ax.annotate(" = ".join(labels[key]), (r["id"][0], r["mean_ood"][0]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=8, color=c)
     ax.set_xlabel(f"ID accuracy (%) [{ID_SET}]")
     ax.set_ylabel(f"mean OOD accuracy (%) over {len(rows[0]['ood_sets']) if rows else 0} sets")
     ax.set_title(result.get("config", {}).get("name", "comparison") + ": mean ± std over seeds")
@@ -127,7 +136,8 @@ def write_report(result: dict, out_dir: str) -> dict:
           "hyperparameters chosen on the ID validation split only.", "",
           markdown_table(rows), "",
           "`train s`: training wall time (incl. the method's finish step). `peak MB`: peak RSS growth during "
-          "training, sampled every 5 ms. `state MB`: optimizer state plus the method's extra weight copies "
+          "training (sampled every 5 ms after malloc_trim), measured per method in a fresh process over "
+          f"{cfg.get('memory_probe_steps') or tr.get('steps')} training steps and the method's finish. `state MB`: optimizer state plus the method's extra weight copies "
           "(EMA weights; Mixout's anchor).", "",
           f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs ({machine.get('torch_threads')} torch "
           f"threads), {machine.get('platform')}, torch {machine.get('torch')}, timm {machine.get('timm')}. "
@@ -136,7 +146,7 @@ def write_report(result: dict, out_dir: str) -> dict:
     if sel:
         md.append("ID-val search (val accuracy per candidate):")
         for m, s in sel.items():
-            md.append(f"- {m}: " + "; ".join(f"{c or 'defaults'} -> {100 * v:.1f}" for c, v in s["val_by_candidate"]))
+            md.append(f"- {m}: " + "; ".join(f"{c or 'no search'} -> {100 * v:.1f}" for c, v in s["val_by_candidate"]))
         md.append("")
     md.append("![ID vs OOD](id_vs_ood.png)")
     with open(os.path.join(out_dir, "results.md"), "w") as f:

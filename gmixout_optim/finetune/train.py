@@ -27,9 +27,12 @@ from .models import build_model
 class PeakRSS:
     """Peak resident memory growth over a block: ``max(RSS) - RSS at entry``, in bytes.
 
-    RSS is read from /proc/self/statm every ``interval`` s by a daemon thread (Linux). Unlike
-    ``ru_maxrss`` (a process-lifetime maximum) this gives a figure per run inside one process;
-    tracemalloc would miss torch's allocations, which bypass Python's allocator.
+    RSS is read from /proc/self/statm every ``interval`` s by a daemon thread (Linux).
+    tracemalloc would miss torch's allocations, which bypass Python's allocator, and
+    ``ru_maxrss`` is a process-lifetime maximum. At entry, garbage is collected and glibc's
+    free heap is handed back (``malloc_trim``), so memory freed earlier in the process is not
+    silently reused; the experiment still measures each method in a fresh process
+    (``memory_probe``), since a long-lived process can keep freed pages mapped.
     """
 
     def __init__(self, interval: float = 0.005):
@@ -49,6 +52,14 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the figure may then under-count
+            pass
         self._start = self._max = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
