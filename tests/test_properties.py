@@ -5,7 +5,7 @@ optimizers (SGD with momentum and weight decay, AdamW), gradients are drawn by h
 both; the float64 model (``HandGMixout``) takes only the supports from the optimizer. Every step
 checks the invariants of the issue and the training weights.
 
-State policies as the spec reads (GMIXOUT.md): at a redraw the compact inner state becomes
+State policies as docs/DESIGN.md reads them: at a redraw the compact inner state becomes
   remap: entry of coordinate i in S' = old entry of i if i in S, else 0 (step counters kept)
   carry: entry j of the new compact vector = old entry j (j < min(n, n')), rest 0 (counters kept)
   reset: no state (as a fresh inner optimizer).

@@ -70,7 +70,7 @@ def fresh_model():
 
 
 def map_state(state, old_S, new_S, policy):
-    """Inner state of a residual across a redraw, as GMIXOUT.md describes the three policies."""
+    """Inner state of a residual across a redraw, as docs/DESIGN.md describes the three policies."""
     if policy == "reset":
         return {}
     out = {}
