@@ -70,3 +70,37 @@ def test_without_agreement_the_ranks_diverge(tmp_path):
     assert alone[0]["episode_step_1"] == 0 and alone[1]["episode_step_1"] == 1
     assert alone[0]["skipped_2"] == 0 and alone[0]["changed_2"]
     assert alone[1]["skipped_2"] == 1 and not alone[1]["changed_2"]
+
+
+def _dtensor_worker(rank: int, init_file: str, results) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gmixout_optim.integrations import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(64, 8), mesh, [Shard(0)]))
+        w.grad = distribute_tensor(torch.randn(64, 8), mesh, [Shard(0)])
+        opt = GMixoutOptimizer([w], lr=1e-2, p=0.5)
+        try:
+            opt.step()
+            results["error"] = None
+        except ValueError as err:
+            results["error"] = str(err)
+        fsdp.attach(opt)
+        before = w.to_local().clone()
+        opt.step()
+        results["changed_after_attach"] = bool((w.to_local() != before).any())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_without_locator_is_refused_until_attached(tmp_path):
+    """A DTensor shard keyed as if it started at offset 0 would draw the wrong support on every
+    rank but the first: the optimizer refuses it and names the call that fixes it."""
+    results = mp.Manager().dict()
+    mp.spawn(_dtensor_worker, args=(str(tmp_path / "init-dtensor"), results), nprocs=1, join=True)
+    assert results["error"] is not None and "fsdp.attach" in results["error"]
+    assert results["changed_after_attach"]
