@@ -25,8 +25,8 @@ except Exception:  # pragma: no cover - torch built without distributed
 MERGE_RULES = ("ema", "residual")
 STATE_POLICIES = ("remap", "carry", "reset")
 GROUP_KEYS = ("gmixout", "p", "ema_decay", "resample_every")
-# Keys of a GMixout tensor's own state; everything the inner optimizer keeps for the
-# residual lives under "inner".
+# A GMixout tensor's per-episode buffers (the inner optimizer's state of the residual is
+# keyed by the residual itself). consolidate()/finalize() drop them.
 COMPACT_KEYS = ("support", "residual", "anchor")
 STATE_FORMAT = 1
 
@@ -569,9 +569,9 @@ class GMixoutOptimizer(Optimizer):
         found = old[pos] == new if old_n else torch.zeros_like(new, dtype=torch.bool)
         for k in per_element:
             value = inner_state[k]
-            remapped = torch.zeros_like(value)
-            remapped[:n] = torch.where(found, value[pos], torch.zeros((), dtype=value.dtype, device=value.device))
-            value.copy_(remapped)
+            carried = torch.where(found, value[pos], torch.zeros((), dtype=value.dtype, device=value.device))
+            value.zero_()
+            value[:n] = carried
 
     def _merge_coefficient(self, group: dict) -> float:
         lam, keep = group["ema_decay"], 1.0 - group["p"]
@@ -613,9 +613,8 @@ class GMixoutOptimizer(Optimizer):
     def _close_episodes(self, merge_running: bool) -> None:
         for w, st, group in list(self._gmixout_tensors()):
             self._end_episode(w, st, group, coeff=None if merge_running else 0.0)
-            residual = st.pop("residual")
-            self._state.pop(residual, None)
-            for key in ("support", "anchor"):
+            self._state.pop(st["residual"], None)
+            for key in COMPACT_KEYS:
                 st.pop(key, None)
             self._support_size.pop(w, None)
             st["episode"] += 1
@@ -687,15 +686,13 @@ class GMixoutOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         id_to_param = {}
         for group, saved in zip(self.param_groups, saved_groups):
-            id_to_param.update(zip(saved["params"], group["params"]))
-        self._state = defaultdict(dict)
-        self._inner.state = self._state
+            id_to_param.update((pid, (w, group)) for pid, w in zip(saved["params"], group["params"]))
+        self.state = defaultdict(dict)  # the setter shares it with the inner optimizer
         self._support_size = {}
         for pid, entry in state_dict["state"].items():
             if pid not in id_to_param:
                 raise ValueError(f"state_dict has state for parameter id {pid}, which no param group lists")
-            w = id_to_param[pid]
-            group = next(g for g, s in zip(self.param_groups, saved_groups) if pid in s["params"])
+            w, group = id_to_param[pid]
             if group["gmixout"]:
                 self._load_gmixout_entry(w, entry, group)
             else:
