@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from gmixout_optim import kernels as K
-from gmixout_optim.kernels.support import Segment, support_capacity
+from gmixout_optim.kernels import Segment, support_capacity
+from gmixout_optim.kernels._dispatch import use_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,7 +75,7 @@ def bench_kernels(numel, keep, dtype, device, iters):
     anchor = w[support[:n].long()].clone() if dtype != torch.float32 else None
     out = torch.empty(cap, device=device)
     a32 = K.support_anchor(w, support, n, res, keep)
-    sw, sg = sector_bytes(numel, keep, esz), sector_bytes(numel, keep, esz)
+    sw = sg = sector_bytes(numel, keep, esz)  # w and grad share a dtype: the same sectors
     anc_bytes = n * esz if anchor is not None else sw  # stored anchor, or w[S] read
     # copy reference: as many bytes as w, and at least 256 MiB on GPU (H100 L2: 50 MiB) and
     # 64 MiB on CPU, so it measures DRAM and not a cache
@@ -104,7 +105,7 @@ def bench_kernels(numel, keep, dtype, device, iters):
     for r in rows.values():
         r["vs_copy"] = r["gbps"] / copy_bw
     return {"numel": numel, "keep": keep, "dtype": str(dtype), "n": n, "capacity": cap,
-            "backend": "triton" if K._dispatch.use_triton(w) else "torch", "ops": rows}
+            "backend": "triton" if use_triton(w) else "torch", "ops": rows}
 
 
 def vit_like_shapes(width, depth):

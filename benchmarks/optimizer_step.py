@@ -63,15 +63,11 @@ def gmixout_state_bytes(opt: GMixoutOptimizer, params) -> tuple[int, dict]:
     return total, by_key
 
 
-def hidden_tensor_bytes(opt, counted_seen_ptrs) -> int:
+def hidden_tensor_bytes(opt) -> int:
     """Tensors the wrapper holds outside opt.state (none expected)."""
-    seen = set(counted_seen_ptrs)
-    total = 0
-    for name, val in vars(opt).items():
-        if name in ("_state", "_inner", "param_groups", "state"):
-            continue
-        total += tensor_bytes(val, seen)
-    return total
+    seen = set()
+    return sum(tensor_bytes(val, seen) for name, val in vars(opt).items()
+               if name not in ("_state", "_inner", "param_groups", "state"))
 
 
 def make_params(blocks: int, seed: int = 0):
@@ -130,8 +126,8 @@ def main() -> None:
     bnd_med = statistics.median(t_boundary)
     amortised = ((k - 1) * in_med + bnd_med) / k
     state_total, by_key = gmixout_state_bytes(gmix, gm_params)
-    adamw_total, _ = gmixout_state_bytes_dense(adamw, dense_params)
-    hidden = hidden_tensor_bytes(gmix, set())
+    adamw_total = tensor_bytes([adamw.state[p] for p in dense_params], set())
+    hidden = hidden_tensor_bytes(gmix)
 
     result = {
         "benchmark": "optimizer_step",
@@ -174,11 +170,6 @@ def main() -> None:
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>10}  {note}")
     print(f"wrote {args.out}")
-
-
-def gmixout_state_bytes_dense(opt, params) -> tuple[int, dict]:
-    seen = set()
-    return sum(tensor_bytes(opt.state[p], seen) for p in params), {}
 
 
 if __name__ == "__main__":

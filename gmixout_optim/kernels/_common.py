@@ -11,18 +11,13 @@ BLOCK = 16384 if INTERPRET else 2048
 NUM_WARPS = 8
 
 
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype for weights: fp32 for 16/32-bit tensors, fp64 if any is fp64 (torch promotion)."""
-    out = torch.float32
-    for d in dtypes:
-        out = torch.promote_types(out, d)
-    return out
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for weights of ``dtype``: fp32 for 16/32-bit, fp64 for fp64 (torch promotion)."""
+    return torch.promote_types(torch.float32, dtype)
 
 
 def tl_dtype(d: torch.dtype):
-    """The Triton dtype of a torch compute dtype (fp32 or fp64)."""
-    if not HAS_TRITON:  # pragma: no cover
-        raise RuntimeError("triton is not importable")
+    """The Triton dtype of a torch compute dtype (fp32 or fp64); only reached on the Triton path."""
     return {torch.float32: tl.float32, torch.float64: tl.float64}[d]
 
 

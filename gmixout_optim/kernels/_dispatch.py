@@ -76,6 +76,13 @@ def check_flat(name: str, t: torch.Tensor) -> None:
                          f"got shape {tuple(t.shape)} stride {tuple(t.stride())}")
 
 
+def check_vec(name: str, t: torch.Tensor, n: int) -> None:
+    """A flat per-support-slot tensor (residual, moments, anchor) covering the first ``n`` slots."""
+    check_flat(name, t)
+    if t.numel() < n:
+        raise ValueError(f"{name} must have at least n={n} elements, got {t.numel()}")
+
+
 def check_n(n: int, support: torch.Tensor) -> int:
     n = int(n)
     if not 0 <= n <= support.numel():

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
-from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
-from .write import _check_vec
+from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, tl, triton, use_triton
 
 
 def _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step):
@@ -32,11 +31,11 @@ def _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anc
         raise ValueError(f"grad_flat has {grad_flat.numel()} elements, param_flat {param_flat.numel()}")
     n = check_n(n, support)
     for name, t in (("residual", residual), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _check_vec(name, t, n)
+        check_vec(name, t, n)
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be fp32, got {t.dtype}")
     if anchor is not None:
-        _check_vec("anchor", anchor, n)
+        check_vec("anchor", anchor, n)
     if int(step) < 1:
         raise ValueError(f"step must be >= 1 (the count after this step), got {step}")
     return n

@@ -8,16 +8,14 @@ residual merge. The residual itself is not cleared here.
 from __future__ import annotations
 
 from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
-from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
-from .write import _check_vec
+from ._dispatch import HAS_TRITON, check_vec, tl, triton, use_triton
+from .write import _check as _check_write
 
 
 def _check(param_flat, support, n, residual, anchor):
-    check_flat("param_flat", param_flat)
-    n = check_n(n, support)
-    _check_vec("residual", residual, n)
+    n = _check_write(param_flat, support, n, residual)
     if anchor is not None:
-        _check_vec("anchor", anchor, n)
+        check_vec("anchor", anchor, n)
     return n
 
 

@@ -21,7 +21,7 @@ import operator
 
 import torch
 
-from ._dispatch import HAS_TRITON, tl, triton
+from ._dispatch import HAS_TRITON, tl, triton, use_triton
 
 _M64 = (1 << 64) - 1
 _M32 = 0xFFFFFFFF
@@ -200,7 +200,6 @@ def philox_uniform_triton(seed64: int, offsets: torch.Tensor) -> torch.Tensor:
 
 def philox_uniform(seed64: int, offsets: torch.Tensor) -> torch.Tensor:
     """Dispatching ``u(g)`` for int64 offsets ``g >= 0`` (see the module docstring)."""
-    from ._dispatch import use_triton
     if use_triton(offsets):
         return philox_uniform_triton(seed64, offsets)
     return philox_uniform_torch(seed64, offsets)

@@ -11,29 +11,27 @@ from __future__ import annotations
 import torch
 
 from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
-from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
+from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, tl, triton, use_triton
 
 
-def _check_vec(name, t, n):
-    check_flat(name, t)
-    if t.numel() < n:
-        raise ValueError(f"{name} must have at least n={n} elements, got {t.numel()}")
+def _check(param_flat, support, n, residual):
+    """Checks shared by the ops that read or write ``w[S]`` from ``v[:n]`` (here and merge)."""
+    check_flat("param_flat", param_flat)
+    n = check_n(n, support)
+    check_vec("residual", residual, n)
+    return n
 
 
 def support_anchor_torch(param_flat, support, n, residual, keep):
     """PyTorch reference of ``support_anchor``."""
-    check_flat("param_flat", param_flat)
-    n = check_n(n, support)
-    _check_vec("residual", residual, n)
+    n = _check(param_flat, support, n, residual)
     return param_flat.index_select(0, support[:n]) - residual[:n] / keep
 
 
 def write_weights_torch(param_flat, support, n, anchor_values, residual, keep):
     """PyTorch reference of ``write_weights``."""
-    check_flat("param_flat", param_flat)
-    n = check_n(n, support)
-    _check_vec("residual", residual, n)
-    _check_vec("anchor_values", anchor_values, n)
+    n = _check(param_flat, support, n, residual)
+    check_vec("anchor_values", anchor_values, n)
     val = anchor_values[:n] + residual[:n] / keep
     scatter_(param_flat, support[:n], val)
 
@@ -62,9 +60,7 @@ if HAS_TRITON:
 
 def support_anchor_triton(param_flat, support, n, residual, keep):
     """Triton kernel of ``support_anchor``."""
-    check_flat("param_flat", param_flat)
-    n = check_n(n, support)
-    _check_vec("residual", residual, n)
+    n = _check(param_flat, support, n, residual)
     cdt = compute_dtype(param_flat.dtype)
     out = torch.empty(n, dtype=cdt, device=param_flat.device)
     if n:
@@ -75,10 +71,8 @@ def support_anchor_triton(param_flat, support, n, residual, keep):
 
 def write_weights_triton(param_flat, support, n, anchor_values, residual, keep):
     """Triton kernel of ``write_weights``."""
-    check_flat("param_flat", param_flat)
-    n = check_n(n, support)
-    _check_vec("residual", residual, n)
-    _check_vec("anchor_values", anchor_values, n)
+    n = _check(param_flat, support, n, residual)
+    check_vec("anchor_values", anchor_values, n)
     if n:
         cdt = compute_dtype(anchor_values.dtype)
         _write_kernel[grid(n)](param_flat, support, anchor_values, residual, n, float(keep),
