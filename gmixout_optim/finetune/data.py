@@ -109,19 +109,15 @@ def load_mnist_splits(seed: int = 0, n_val: int = 500, n_test: int = 1000) -> di
     return {k: (x[np.sort(i)], y[np.sort(i)]) for k, i in (("train", train), ("val", val), ("test", test))}
 
 
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    return _load_digits()
-
-
 def load_digits_mnist_format() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn digits in MNIST's format (see ``_load_digits``); a fresh copy per call."""
+    """sklearn digits in MNIST's format (see ``_digits``); a fresh copy per call."""
     x, y = _digits()
     return x.copy(), y.copy()
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn digits (8x8, levels 0-16) scaled to 0-255, resized to 20x20, padded to 32x32."""
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn digits (8x8, levels 0-16) scaled to 0-255, resized to 20x20, padded to 32x32 (built once per process)."""
     from sklearn.datasets import load_digits
     from skimage.transform import resize
 

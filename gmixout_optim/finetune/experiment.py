@@ -20,7 +20,7 @@ import torch
 
 from . import data as D
 from . import folder_data
-from .evaluate import evaluate_sets, load_test_tensors
+from .evaluate import evaluate_sets, load_saved_model, load_test_tensors
 from .methods import METHODS, method_params
 from .train import recalibrate_saved_run, train_run, write_record
 
@@ -164,8 +164,6 @@ def memory_probe(cfg: dict, method: str, overrides: dict, seed: int, steps: int,
 
 def run_experiment(cfg: dict) -> dict:
     """Run the search and the seeds; returns ``{"runs": [...], "selection": {...}}`` and writes the report."""
-    from .evaluate import load_saved_model
-
     cfg = validate(cfg)
     torch.set_num_threads(cfg.get("threads", 1))
     out = cfg["output_dir"]

@@ -10,6 +10,8 @@ reports ``test@many``, ``test@medium``, ``test@few``.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -58,22 +60,27 @@ class FolderData:
         name, root = d["dataset"], d["root"]
         size = cfg["image_size"]
         train_tf = image_transform(model, size, info.mean, info.std, True)
-        self.eval_tf = image_transform(model, size, info.mean, info.std, False)
+        eval_tf = image_transform(model, size, info.mean, info.std, False)
         train = load_benchmark(name, root, train_tf, split_names=["train"]).splits["train"]
         if name in HAS_VAL:
-            val = load_benchmark(name, root, self.eval_tf, split_names=["val"]).splits["val"]
+            val = load_benchmark(name, root, eval_tf, split_names=["val"]).splits["val"]
             train_idx = list(range(len(train)))
         else:  # hold out n_val training images (same images for every run with this data seed)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(d.get("seed", 0))).tolist()
             n_val = min(int(d.get("n_val", 500)), len(train) // 2)
-            val = Subset(load_benchmark(name, root, self.eval_tf, split_names=["train"]).splits["train"], order[:n_val])
+            # the train split again with the eval transform: a shallow copy, not a second scan of
+            # the folder (every dataset in folders.py applies ``self.transform`` in __getitem__)
+            eval_train = copy.copy(train)
+            eval_train.transform = eval_tf
+            val = Subset(eval_train, order[:n_val])
             train_idx = sorted(order[n_val:])
         if d.get("n_train"):
             train_idx = train_idx[: int(d["n_train"])]
         workers = int(d.get("num_workers", 2))
-        self.batch_size = int(tr.get("batch_size", 32))
-        loader = DataLoader(Subset(train, train_idx), batch_size=self.batch_size, shuffle=True, drop_last=len(train_idx) > self.batch_size,
-                            num_workers=workers, generator=torch.Generator().manual_seed(seed))
+        batch_size = int(tr.get("batch_size", 32))
+        loader = DataLoader(Subset(train, train_idx), batch_size=batch_size, shuffle=True,
+                            drop_last=len(train_idx) > batch_size, num_workers=workers,
+                            generator=torch.Generator().manual_seed(seed))
         self.batches = LoaderBatches(loader)
         self.val_loader = DataLoader(val, batch_size=128, num_workers=workers)
 

@@ -22,7 +22,6 @@ architecture as the input, no wrappers) that is saved and evaluated.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -84,6 +83,7 @@ class Method:
 
     def setup(self, model: nn.Module, head_names: list) -> nn.Module:
         """Return the module to train (may wrap ``model``)."""
+        self.head_names = list(head_names)
         self.pretrained = copy.deepcopy(model.state_dict())
         return model
 
@@ -93,11 +93,6 @@ class Method:
 
     def after_step(self, model: nn.Module) -> None:
         pass
-
-    @contextlib.contextmanager
-    def eval_weights(self, model: nn.Module):
-        """Context in which ``model`` holds the weights the method would deploy now."""
-        yield model
 
     def finish(self, model: nn.Module, tools) -> nn.Module:
         """The plain fine-tuned model. ``tools`` offers ``val_accuracy(model)`` and ``recalibrate_bn(model)``."""
@@ -124,15 +119,6 @@ class EMAMethod(Method):
                 self.ema[k].lerp_(v, 1.0 - d)
             else:
                 self.ema[k].copy_(v)
-
-    @contextlib.contextmanager
-    def eval_weights(self, model):
-        saved = copy.deepcopy(model.state_dict())
-        model.load_state_dict(self.ema)
-        try:
-            yield model
-        finally:
-            model.load_state_dict(saved)
 
     def finish(self, model, tools):
         model.load_state_dict(self.ema)
@@ -170,10 +156,6 @@ class WiSEMethod(Method):
             else:
                 mixed[k] = v
         model.load_state_dict(mixed)
-
-    def setup(self, model, head_names):
-        self.head_names = list(head_names)
-        return super().setup(model, head_names)
 
     def _is_head(self, key):
         return any(key == h or key.startswith(h + ".") for h in self.head_names)
@@ -241,10 +223,6 @@ class MixoutMethod(Method):
 class GMixoutMethod(Method):
     name = "gmixout"
 
-    def setup(self, model, head_names):
-        self.head_names = list(head_names)
-        return super().setup(model, head_names)
-
     def make_optimizer(self, model):
         from gmixout_optim import GMixoutOptimizer, gmixout_param_groups
 
@@ -253,11 +231,6 @@ class GMixoutMethod(Method):
         self.optimizer = GMixoutOptimizer(groups, inner="AdamW", lr=hp["lr"], p=hp["p"], ema_decay=hp["ema_decay"],
                                           resample_every=hp["resample_every"], seed=self.seed)
         return self.optimizer
-
-    @contextlib.contextmanager
-    def eval_weights(self, model):
-        with self.optimizer.anchor_weights():
-            yield model
 
     def finish(self, model, tools):
         self.optimizer.finalize()
