@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gmixout_optim import GMixoutOptimizer, gmixout_param_groups
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under runpy.run_path (the tests)
+from _vision_model import build_model  # noqa: E402  (shared with deepspeed_finetune.py)
 
 
 def parse_args(argv=None):
@@ -58,27 +62,6 @@ def parse_args(argv=None):
     if args.save_at is not None and (args.state_dir is None or not 0 < args.save_at < args.steps):
         ap.error("--save-at K needs --state-dir and 0 < K < --steps")
     return args
-
-
-def build_model(args) -> nn.Module:
-    torch.manual_seed(args.seed)
-    if args.open_clip:
-        import open_clip
-        clip = open_clip.create_model(args.open_clip, pretrained=None)
-        visual = clip.visual
-        dim = visual.output_dim
-        model = nn.Sequential()
-        model.add_module("visual", visual)
-        model.add_module("head", nn.Linear(dim, args.num_classes))
-    else:
-        import timm
-        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes,
-                                  **json.loads(args.model_kwargs))
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        print(f"loaded {args.checkpoint}: {len(missing)} missing, {len(unexpected)} unexpected keys")
-    return model
 
 
 def build_optimizer(model: nn.Module, args) -> GMixoutOptimizer:
@@ -116,7 +99,7 @@ def reference(args) -> dict:
     """One process, ``args.reference`` ranks emulated (DDP divides each rank's gradient by the
     world size and sums: g_0/N + g_1/N + ...)."""
     n = args.reference
-    model = build_model(args)
+    model = build_model(args, args.seed)
     opt = build_optimizer(model, args)
     if args.reference_layout == "zero12":
         from gmixout_optim.integrations.deepspeed import zero12_layout_locator
@@ -135,10 +118,9 @@ def reference(args) -> dict:
 
 def train(args, accelerator=None) -> dict:
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     from gmixout_optim.integrations.accelerate import prepare, unwrap_optimizer
-
-    from accelerate.utils import DistributedType
 
     accelerator = accelerator or Accelerator()
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -147,7 +129,7 @@ def train(args, accelerator=None) -> dict:
         ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
         ds_config["train_batch_size"] = (args.batch_size * accelerator.num_processes
                                          * accelerator.gradient_accumulation_steps)
-    model = build_model(args)
+    model = build_model(args, args.seed)
     opt = build_optimizer(model, args)
     model, opt = prepare(accelerator, model, opt)
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -24,13 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gmixout_optim import gmixout_param_groups
 from gmixout_optim.integrations import deepspeed as gds
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # under runpy.run_path as well as as a script
+from _vision_model import build_model  # noqa: E402  (shared with accelerate_finetune.py)
 
 
 def parse_args(argv=None):
@@ -50,25 +53,6 @@ def parse_args(argv=None):
     ap.add_argument("--save-dir", default=None, help="DeepSpeed checkpoints (tag 'final' after finalize)")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return ap.parse_args(argv)
-
-
-def build_model(args) -> nn.Module:
-    torch.manual_seed(0)
-    if args.open_clip:
-        import open_clip
-        visual = open_clip.create_model(args.open_clip, pretrained=None).visual
-        model = nn.Sequential()
-        model.add_module("visual", visual)
-        model.add_module("head", nn.Linear(visual.output_dim, args.num_classes))
-    else:
-        import timm
-        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes,
-                                  **json.loads(args.model_kwargs))
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        print(f"loaded {args.checkpoint}: {len(missing)} missing, {len(unexpected)} unexpected keys")
-    return model
 
 
 def batches(args, micro_batch: int, rank: int, world: int):
@@ -103,7 +87,7 @@ def main(argv=None) -> None:
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    model = build_model(args)
+    model = build_model(args, seed=0)
     groups = gmixout_param_groups(model, weight_decay=args.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     dtype = torch.bfloat16 if (config.get("bf16") or {}).get("enabled") else torch.float32

@@ -423,10 +423,8 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs
     if tag is None:
         with open(os.path.join(load_dir, "latest")) as f:
             tag = f.read().strip()
-    saved_world = _saved_world_size(load_dir, tag)
-    import torch.distributed as dist
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if saved_world in (None, world):
+    saved_world = len(_optim_files(load_dir, tag))  # one optimizer-state file per rank
+    if saved_world in (0, _world()):
         return engine.load_checkpoint(load_dir, tag, **kwargs)
     episodes = _saved_episodes(load_dir, tag)
     kwargs["load_optimizer_states"] = False
@@ -442,11 +440,6 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs
 
 def _optim_files(load_dir: str, tag: str) -> list[str]:
     return sorted(glob.glob(os.path.join(load_dir, tag, "*optim_states.pt")))
-
-
-def _saved_world_size(load_dir: str, tag: str) -> int | None:
-    files = _optim_files(load_dir, tag)
-    return len(files) or None
 
 
 def _find_gmixout_sd(obj: Any, depth: int = 0) -> dict | None:

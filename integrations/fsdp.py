@@ -49,23 +49,19 @@ from typing import Any, Callable
 import torch
 
 from gmixout_optim.kernels import Segment, support_capacity
+from gmixout_optim.optimizer import COMPACT_KEYS
 
 __all__ = ["attach", "dtensor_segments", "locator", "install_dcp_hooks", "save", "load"]
 
-_COMPACT = ("support", "residual", "anchor")
 _CONFIG_KEY = "gmixout_config"  # the core's top-level config block rides in param group 0 through DCP
-
-
-def _dtensor_type():
-    from torch.distributed.tensor import DTensor
-    return DTensor
 
 
 def _is_dtensor(t: Any) -> bool:
     try:
-        return isinstance(t, _dtensor_type())
+        from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
+    return isinstance(t, DTensor)
 
 
 def _shard_mesh_dim(p) -> tuple[int, int]:
@@ -215,7 +211,7 @@ def install_dcp_hooks(opt, locate: Callable) -> None:
                 if _is_dtensor(p) and "support" in entry:
                     keep = 1.0 - group["p"]
                     cap, local_cap = _common_capacity(p, keep), support_capacity(p.to_local().numel(), keep)
-                    for key in _COMPACT:
+                    for key in COMPACT_KEYS:
                         if key in entry:
                             entry[key] = _wrap(entry[key], p, cap, local_cap, key)
                     inner = dict(entry.get("inner", {}))
@@ -250,12 +246,12 @@ def install_dcp_hooks(opt, locate: Callable) -> None:
                 if "support" in entry:
                     local_cap = support_capacity(p.to_local().numel() if _is_dtensor(p) else p.numel(),
                                                  1.0 - group["p"])
-                    for key in _COMPACT:
+                    for key in COMPACT_KEYS:
                         if key in entry:
                             entry[key] = _unwrap(entry[key], local_cap)
                     entry["inner"] = {k: _unwrap(v, local_cap) for k, v in entry.get("inner", {}).items()}
                     if _at_initial_value(entry):
-                        for key in _COMPACT + ("inner",):
+                        for key in COMPACT_KEYS + ("inner",):
                             entry.pop(key, None)
                 elif int(entry.get("episode_step", 0)) != 0:
                     raise ValueError(f"optimizer state {pid!r} is mid-episode (episode_step="

@@ -30,14 +30,24 @@ def _step(model, opt, s):
     opt.zero_grad(set_to_none=True)
 
 
-def _weights(model):
-    return [p.detach().clone() for p in model.parameters()]
+def _attached(model):
+    opt = _opt(model)
+    fsdp.attach(opt)
+    return opt
+
+
+def _assert_same_training(model, opt, twin, twin_opt, steps):
+    """Train both on the same batches; the weights must stay bitwise equal."""
+    for s in steps:
+        _step(model, opt, s)
+        _step(twin, twin_opt, s)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_hooks_keep_a_mid_episode_round_trip_exact():
     model = _model()
-    opt = _opt(model)
-    fsdp.attach(opt)
+    opt = _attached(model)
     for s in range(1, 5):  # step 4: episode 1, step 1 of 3
         _step(model, opt, s)
     sd = copy.deepcopy(opt.state_dict())
@@ -45,30 +55,23 @@ def test_hooks_keep_a_mid_episode_round_trip_exact():
     assert "gmixout_config" in sd["param_groups"][0]
     sd.pop("gmixout")  # DCP's get_optimizer_state_dict keeps only state and param_groups
     twin = copy.deepcopy(model)
-    twin_opt = _opt(twin)
-    fsdp.attach(twin_opt)
+    twin_opt = _attached(twin)
     twin_opt.load_state_dict(sd)
     assert "gmixout_config" not in twin_opt.param_groups[0]
-    for s in range(5, 9):
-        _step(model, opt, s)
-        _step(twin, twin_opt, s)
-    for a, b in zip(_weights(model), _weights(twin)):
-        assert torch.equal(a, b)
+    _assert_same_training(model, opt, twin, twin_opt, range(5, 9))
 
 
 def test_fresh_compact_state_is_redrawn_for_the_loaded_episode():
     """A consolidated checkpoint loaded into a fresh target (DCP with allow_partial_load keeps
     the target's own episode-0 compact state): training must follow the source exactly."""
     model = _model()
-    opt = _opt(model)
-    fsdp.attach(opt)
+    opt = _attached(model)
     for s in range(1, 6):
         _step(model, opt, s)
     opt.consolidate()
     saved = copy.deepcopy(opt.state_dict())
     twin = copy.deepcopy(model)
-    twin_opt = _opt(twin)
-    fsdp.attach(twin_opt)
+    twin_opt = _attached(twin)
     for p in twin.parameters():  # DCP's _init_optim_state: zero gradients on an empty state
         p.grad = torch.zeros_like(p)
     twin_opt.step()
@@ -77,24 +80,18 @@ def test_fresh_compact_state_is_redrawn_for_the_loaded_episode():
     for pid, entry in target["state"].items():  # what the partial load leaves: counters from the checkpoint
         entry.update(episode=saved["state"][pid]["episode"], episode_step=0)
     twin_opt.load_state_dict(target)
-    for s in range(6, 12):
-        _step(model, opt, s)
-        _step(twin, twin_opt, s)
-    for a, b in zip(_weights(model), _weights(twin)):
-        assert torch.equal(a, b)
+    _assert_same_training(model, opt, twin, twin_opt, range(6, 12))
 
 
 def test_mid_episode_state_without_support_is_refused():
     model = _model()
-    opt = _opt(model)
-    fsdp.attach(opt)
+    opt = _attached(model)
     _step(model, opt, 1)
     sd = copy.deepcopy(opt.state_dict())
     for entry in sd["state"].values():
         for key in ("support", "residual", "inner"):
             entry.pop(key, None)
-    fresh = _opt(copy.deepcopy(model))
-    fsdp.attach(fresh)
+    fresh = _attached(copy.deepcopy(model))
     with pytest.raises(ValueError, match="mid-episode"):
         fresh.load_state_dict(sd)
 
