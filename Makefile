@@ -15,6 +15,9 @@ $(STAMP): setup.py requirements-pinned.txt
 	$(BIN)/pip install -q -r requirements-pinned.txt
 	# deepspeed's setup.py imports torch: build it against the torch just installed.
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	# animal-mnist's metadata requires tensorflow, which only its unused loader module imports; the
+	# harness reads the package's two data files directly (finetune/datasets/animal_mnist.py).
+	$(BIN)/pip install -q --no-deps animal-mnist==0.4
 	$(BIN)/pip install -q --no-build-isolation -e ".[all]"
 	# DeepSpeed JIT-builds its CPU shared-memory comm op on first use: build it once here, not in the tests.
 	DS_ACCELERATOR=cpu $(BIN)/python -m gmixout_optim.integrations.deepspeed
