@@ -66,6 +66,9 @@ def parse_test_set(name: str) -> TestSetSpec:
         return TestSetSpec("test")
     if name in ("val", "digits"):
         return TestSetSpec(name)
+    from . import datasets  # natural-shift sets of the other registered data sets (e.g. animal_mnist's outline)
+    if name in datasets.natural_shift_names():
+        return TestSetSpec(name)
     parts = name.split(":")
     if parts[0] != "corruption":
         raise ValueError(f"unknown test set {name!r}; allowed: {_TEST_SET_HELP}")
@@ -149,19 +152,41 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
     return np.clip(np.round(np.stack(out)), 0, 255).astype(np.uint8)
 
 
+def is_embedded(data_cfg: dict) -> bool:
+    """Whether ``data.dataset`` is an in-memory registered data set (``finetune/datasets``), not a benchmark folder."""
+    from . import datasets
+    return data_cfg.get("dataset", "mnist") in datasets.NAMES
+
+
+def load_splits(dataset: str = "mnist", seed: int = 0, n_val: int = 500, n_test: int = 1000) -> dict:
+    """train / val / test of a registered data set (for mnist the same arrays as ``load_mnist_splits``)."""
+    if dataset == "mnist":
+        return load_mnist_splits(seed, n_val, n_test)
+    from . import datasets
+    return datasets.load_splits(dataset, seed, n_val, n_test)
+
+
 def load_test_set(name: str, seed: int = 0, n_val: int = 500, n_test: int = 1000,
-                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  limit: int | None = None, dataset: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 32, 32[, 3]) uint8 and labels for a test-set name (see ``parse_test_set``).
 
     ``limit`` keeps the first ``limit`` images (splits are sorted by source index, so it is a
     fixed, class-mixed subset), applied before corrupting to save time.
     """
     spec = parse_test_set(name)
-    if spec.kind == "digits":
+    if spec.kind == "digits" and dataset == "mnist":
         x, y = load_digits_mnist_format()
         return (x[:limit], y[:limit]) if limit else (x, y)
+    if spec.kind not in ("test", "val", "corruption"):  # a registered data set's natural-shift set
+        from . import datasets
+        shifts = datasets.get(dataset).NATURAL_SHIFTS
+        if spec.kind not in shifts:
+            raise ValueError(f"test set {name!r} does not belong to data set {dataset!r}; its natural-shift sets: "
+                             f"{', '.join(shifts) or 'none'}")
+        x, y = shifts[spec.kind](*load_splits(dataset, seed, n_val, n_test)["test"])
+        return (x[:limit], y[:limit]) if limit else (x, y)
     split = "val" if spec.kind == "val" else "test"
-    x, y = load_mnist_splits(seed, n_val, n_test)[split]
+    x, y = load_splits(dataset, seed, n_val, n_test)[split]
     if limit:
         x, y = x[:limit], y[:limit]
     if spec.kind == "corruption":
