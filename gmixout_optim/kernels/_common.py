@@ -5,10 +5,35 @@ import torch
 
 from ._dispatch import HAS_TRITON, INTERPRET, tl
 
-# Elements per Triton program. The interpreter costs ~10 ms a program, so it gets big blocks;
-# on a GPU 2048 elements over 8 warps (8 per thread) keep the fused step's registers unspilled.
-BLOCK = 16384 if INTERPRET else 2048
-NUM_WARPS = 8
+# Launch settings (elements per program, warps) per kernel on a GPU, chosen from the ptxas
+# figures of `python -m gmixout_optim.kernels.aot` (table in docs/kernels.md): no spills, and
+# at least half the SM's warp slots resident, so enough loads are in flight to cover DRAM
+# latency. Gathers/scatters are latency bound: 8 elements a thread, 4 warps. The fused step
+# holds ~10 live fp32 values per element: 4 a thread (1024 over 8 warps) keeps it at ~56
+# registers (2048 over 8 warps needed 128: one block per SM quadrant, a quarter occupancy).
+# The Philox kernels evaluate 10 rounds per counter: 4 counters a thread.
+LAUNCH = {
+    "gather": (1024, 4),
+    "anchor": (1024, 4),
+    "write": (1024, 4),
+    "merge": (1024, 4),
+    "adamw": (1024, 8),
+    "philox": (1024, 4),
+    "support_count": (1024, 4),
+    "support_write": (1024, 4),
+}
+# The interpreter costs ~10 ms a program whatever its size, so it gets big blocks (the tests'
+# "block plus one" sizes are built around this figure).
+INTERPRET_BLOCK = 16384
+# Kept for callers of the first version: the elementwise kernels' settings.
+BLOCK = INTERPRET_BLOCK if INTERPRET else LAUNCH["gather"][0]
+NUM_WARPS = LAUNCH["gather"][1]
+
+
+def launch(op: str) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of kernel ``op`` on this backend (see ``LAUNCH``)."""
+    block, warps = LAUNCH[op]
+    return (INTERPRET_BLOCK, warps) if INTERPRET else (block, warps)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,8 +55,8 @@ def scatter_(param_flat: torch.Tensor, support_n: torch.Tensor, values: torch.Te
     param_flat.index_copy_(0, support_n.long(), values.to(param_flat.dtype))
 
 
-def grid(count: int) -> tuple[int]:
-    return ((count + BLOCK - 1) // BLOCK,)
+def grid(count: int, block: int = BLOCK) -> tuple[int]:
+    return ((count + block - 1) // block,)
 
 
 if HAS_TRITON:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
+from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, tl, triton, use_triton
 
 
@@ -109,12 +109,13 @@ def fused_adamw_step_triton(param_flat, grad_flat, support, n, residual, exp_avg
         return
     src = anchor if anchor is not None else param_flat
     lerp_w = 1 - beta1
-    _adamw_kernel[grid(n)](
+    block, warps = launch("adamw")
+    _adamw_kernel[grid(n, block)](
         param_flat, grad_flat, support, residual, exp_avg, exp_avg_sq, src, n,
         float(keep), float(weight_decay), float(1 - lr * weight_decay), float(lerp_w), float(beta2),
         float(1 - beta2), float((1 - beta2 ** step) ** 0.5), float(eps), float(-(lr / (1 - beta1 ** step))),
         HAS_ANCHOR=anchor is not None, DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0,
-        LERP_SMALL=abs(lerp_w) < 0.5, CDT=tl_dtype(compute_dtype(src.dtype)), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        LERP_SMALL=abs(lerp_w) < 0.5, CDT=tl_dtype(compute_dtype(src.dtype)), BLOCK=block, num_warps=warps)
 
 
 def fused_adamw_step(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor,

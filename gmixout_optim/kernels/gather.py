@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BLOCK, NUM_WARPS, grid
+from ._common import grid, launch
 from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
 
 
@@ -44,8 +44,9 @@ def gather_grad_triton(grad_flat, support, n, keep, out):
     """Triton kernel: one pass over the support's capacity."""
     n = _check(grad_flat, support, n, out)
     if out.numel():
-        _gather_kernel[grid(out.numel())](grad_flat, support, out, n, out.numel(), float(keep),
-                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
+        block, warps = launch("gather")
+        _gather_kernel[grid(out.numel(), block)](grad_flat, support, out, n, out.numel(), float(keep),
+                                                 BLOCK=block, num_warps=warps)
     return out
 
 

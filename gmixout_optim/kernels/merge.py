@@ -7,7 +7,7 @@ residual merge. The residual itself is not cleared here.
 """
 from __future__ import annotations
 
-from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
+from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_vec, tl, triton, use_triton
 from .write import _check as _check_write
 
@@ -50,9 +50,10 @@ def merge_episode_triton(param_flat, support, n, residual, anchor, keep, coeff):
     if n:
         src = anchor if anchor is not None else param_flat
         cdt = compute_dtype(src.dtype)
-        _merge_kernel[grid(n)](param_flat, support, residual, src, n, float(keep), float(coeff),
-                               HAS_ANCHOR=anchor is not None, CDT=tl_dtype(cdt),
-                               BLOCK=BLOCK, num_warps=NUM_WARPS)
+        block, warps = launch("merge")
+        _merge_kernel[grid(n, block)](param_flat, support, residual, src, n, float(keep), float(coeff),
+                                      HAS_ANCHOR=anchor is not None, CDT=tl_dtype(cdt),
+                                      BLOCK=block, num_warps=warps)
 
 
 def merge_episode(param_flat, support, n, residual, anchor, keep, coeff):

@@ -18,14 +18,14 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._dispatch import HAS_TRITON, INTERPRET, tl, triton, use_triton
+from ._common import launch
+from ._dispatch import HAS_TRITON, tl, triton, use_triton
 from .philox import _SCALE, philox4x32_torch, philox_seed
 
 if HAS_TRITON:
     from .philox import philox_uniform_tl
 
 _CHUNK = 1 << 14  # Philox counters (4 elements each) per PyTorch chunk: temporaries stay in cache
-_BLOCK = 16384 if INTERPRET else 4096  # elements per Triton program (interpreter: ~10 ms a program)
 
 
 class Segment(NamedTuple):
@@ -170,21 +170,22 @@ def draw_support_triton(segments, seed, episode, keep, capacity, device, index_d
     if not segs:
         return support, 0
     # One row per block of one segment (built on the host: segments are few).
+    blk, warps = launch("support_count")
     g, l, ln, sd = [], [], [], []
     for s in segs:
-        nb = triton.cdiv(s.length, _BLOCK)
-        j = torch.arange(nb, dtype=torch.int64) * _BLOCK
+        nb = triton.cdiv(s.length, blk)
+        j = torch.arange(nb, dtype=torch.int64) * blk
         g.append(j + s.offset)
         l.append(j + s.start)
-        ln.append((s.length - j).clamp(max=_BLOCK).to(torch.int32))
+        ln.append((s.length - j).clamp(max=blk).to(torch.int32))
         sd.append(torch.full((nb,), philox_seed(seed, s.key, episode), dtype=torch.int64))
     g, l, ln, sd = (torch.cat(x).to(device) for x in (g, l, ln, sd))
     nblk = g.numel()
     counts = torch.empty(nblk, dtype=torch.int32, device=device)
-    _count_kernel[(nblk,)](g, ln, sd, counts, keep, BLOCK=_BLOCK, num_warps=8)
+    _count_kernel[(nblk,)](g, ln, sd, counts, keep, BLOCK=blk, num_warps=warps)
     ends = torch.cumsum(counts.to(torch.int64), 0)
     starts = ends - counts
-    _write_kernel[(nblk,)](g, l, ln, sd, starts, support, capacity, keep, BLOCK=_BLOCK, num_warps=8)
+    _write_kernel[(nblk,)](g, l, ln, sd, starts, support, capacity, keep, BLOCK=blk, num_warps=warps)
     return support, int(ends[-1])
 
 

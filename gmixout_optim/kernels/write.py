@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import BLOCK, NUM_WARPS, cast_to, compute_dtype, grid, scatter_, tl_dtype
+from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, tl, triton, use_triton
 
 
@@ -64,8 +64,9 @@ def support_anchor_triton(param_flat, support, n, residual, keep):
     cdt = compute_dtype(param_flat.dtype)
     out = torch.empty(n, dtype=cdt, device=param_flat.device)
     if n:
-        _anchor_kernel[grid(n)](param_flat, support, residual, out, n, float(keep),
-                                CDT=tl_dtype(cdt), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        block, warps = launch("anchor")
+        _anchor_kernel[grid(n, block)](param_flat, support, residual, out, n, float(keep),
+                                       CDT=tl_dtype(cdt), BLOCK=block, num_warps=warps)
     return out
 
 
@@ -75,8 +76,9 @@ def write_weights_triton(param_flat, support, n, anchor_values, residual, keep):
     check_vec("anchor_values", anchor_values, n)
     if n:
         cdt = compute_dtype(anchor_values.dtype)
-        _write_kernel[grid(n)](param_flat, support, anchor_values, residual, n, float(keep),
-                               CDT=tl_dtype(cdt), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        block, warps = launch("write")
+        _write_kernel[grid(n, block)](param_flat, support, anchor_values, residual, n, float(keep),
+                                      CDT=tl_dtype(cdt), BLOCK=block, num_warps=warps)
 
 
 def support_anchor(param_flat, support, n, residual, keep):
