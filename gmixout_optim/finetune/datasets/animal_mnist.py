@@ -70,7 +70,10 @@ def load_pool():
     x, y, keep = dedup(x, y)
     if N_RAW - len(keep) != N_DUPLICATES:
         raise ValueError(f"animal-mnist: expected {N_DUPLICATES} exact duplicates (version 0.4), found {N_RAW - len(keep)}")
-    return pad_to_32(x), y.astype(np.int64)
+    # The package stores the images class by class; a fixed shuffle makes every split's prefix
+    # (data.test_limit keeps the first N images) class-mixed.
+    order = np.random.default_rng(0).permutation(len(y))
+    return pad_to_32(x[order]), y[order].astype(np.int64)
 
 
 def outline(test_x: np.ndarray, test_y: np.ndarray):
