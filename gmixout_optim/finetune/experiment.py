@@ -21,7 +21,7 @@ import torch
 from . import data as D
 from . import folder_data
 from .evaluate import evaluate_sets, load_saved_model, load_test_tensors
-from .methods import METHODS, method_params
+from .methods import METHODS, POSTHOC, method_params, resolve_grid
 from .train import recalibrate_saved_run, train_run, write_record
 
 DEFAULT_CONFIG = {
@@ -55,6 +55,8 @@ def merge_config(base: dict, update: dict) -> dict:
 
 
 def validate(cfg: dict) -> dict:
+    # "steps/N" grid values (GMixout's k relative to the budget) become ints before any fingerprint
+    cfg["search"] = resolve_grid(cfg["search"], int(cfg["train"]["steps"]))
     for m in cfg["methods"]:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r} in methods; allowed: {', '.join(METHODS)}")
@@ -67,20 +69,26 @@ def validate(cfg: dict) -> dict:
                 raise ValueError(f"search.{m}.{k} must be a non-empty list, got {v!r}")
     for m, hp in cfg["method_params"].items():
         method_params(m, hp)
-    folder = cfg["data"].get("dataset", "mnist") != "mnist"
+    folder = not D.is_embedded(cfg["data"])
     if folder:
+        from . import datasets
         from .folders import BENCHMARKS
         if cfg["data"]["dataset"] not in BENCHMARKS:
-            raise ValueError(f"unknown data.dataset {cfg['data']['dataset']!r}; allowed: mnist, {', '.join(BENCHMARKS)}")
+            raise ValueError(f"unknown data.dataset {cfg['data']['dataset']!r}; allowed: "
+                             f"{', '.join(datasets.NAMES)}, {', '.join(BENCHMARKS)}")
         if not cfg["data"].get("root"):
             raise ValueError(f"data.dataset {cfg['data']['dataset']!r} needs data.root (--data-root), the benchmark folder")
     if cfg["test_sets"] is None:
-        cfg["test_sets"] = folder_data.default_test_sets(cfg["data"]) if folder else ["test", *D.DEMO_OOD_SETS]
+        from . import datasets
+        cfg["test_sets"] = folder_data.default_test_sets(cfg["data"]) if folder else \
+            datasets.default_test_sets(cfg["data"].get("dataset", "mnist"))
     elif not folder:  # folder split names are checked by load_benchmark, which lists the known ones
         for name in cfg["test_sets"]:
             D.parse_test_set(name)
     if not cfg["seeds"]:
         raise ValueError("seeds must list at least one seed")
+    from .posthoc import check
+    check(cfg)
     return cfg
 
 
@@ -173,6 +181,8 @@ def run_experiment(cfg: dict) -> dict:
     first, runs, selection = cfg["seeds"][0], [], {}
     test_tensors = None
     for method in cfg["methods"]:
+        if method in POSTHOC:  # soups, WiSE-FT at a fixed alpha: built from the full_ft runs below
+            continue
         base = cfg["method_params"].get(method, {})
         candidates = []
         for combo in _grid(cfg["search"].get(method, {})):
@@ -192,7 +202,7 @@ def run_experiment(cfg: dict) -> dict:
             m = rec["model"]
             if cfg.get("resume") and rec.get("test_sets") == cfg["test_sets"] and "test" in rec:
                 pass  # scores of this very model.pt on these sets are already in run.json
-            elif cfg["data"].get("dataset", "mnist") != "mnist":
+            elif not D.is_embedded(cfg["data"]):
                 rec["test"] = folder_data.evaluate_folder_sets(model, cfg["data"], cfg["test_sets"], m["image_size"],
                                                                m["mean"], m["std"], cfg["data"].get("num_workers", 2))
             else:
@@ -210,6 +220,9 @@ def run_experiment(cfg: dict) -> dict:
             selection[method]["probe_peak_mem_bytes"] = peak
             print(f"[memory] {method}: peak RSS growth {peak / 2**20:.0f} MB "
                   f"({cfg['memory_probe_steps']} steps, fresh process)", flush=True)
+    if any(m in POSTHOC for m in cfg["methods"]):
+        from .posthoc import run_posthoc
+        runs += run_posthoc(cfg, work, selection)
     result = {"config": cfg, "work_dir": work, "selection": selection, "runs": runs, "total_wall_s": time.time() - t_start,
               "machine": machine_description()}
     with open(os.path.join(out, "results.json"), "w") as f:

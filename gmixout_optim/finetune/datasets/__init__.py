@@ -72,3 +72,10 @@ def pad_to_32(images: np.ndarray) -> np.ndarray:
     """Zero-pad (N, h, w) images symmetrically to (N, 32, 32)."""
     dh, dw = 32 - images.shape[1], 32 - images.shape[2]
     return np.pad(images, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)))
+
+
+def default_test_sets(name: str) -> list:
+    """ID test, the data set's natural shifts, and the harness's 9 corruptions at severity 3."""
+    from ..data import DEMO_CORRUPTIONS
+
+    return ["test", *get(name).NATURAL_SHIFTS, *(f"corruption:{c}:3" for c in DEMO_CORRUPTIONS)]
