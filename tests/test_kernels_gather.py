@@ -51,3 +51,33 @@ def test_bad_input_is_rejected(impl):
         fn(torch.zeros(8), s, 2, 0.5, torch.zeros(4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="contiguous"):
         fn(torch.zeros(8, 2)[:, 0], s, 2, 0.5, torch.zeros(4))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [None, float("inf"), float("-inf"), float("nan"), "overflow"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter, on purpose
+def test_found_inf_is_set_by_a_nonfinite_gathered_value(impl, bad):
+    # The flag says whether grad[S]/keep holds an inf/NaN: values off the support do not count,
+    # a finite bf16 gradient that overflows fp32 once divided by keep does, and a set flag
+    # stays set (one flag collects every tensor's verdict).
+    fn = getattr(gather, f"gather_grad_{impl}")
+    numel = 40001
+    grad = _grad(numel, torch.float32, False)
+    support, n = draw_support_torch([Segment(0, numel, 1, 0)], 0, 0, KEEP, numel, DEVICE)
+    off = torch.ones(numel, dtype=torch.bool, device=DEVICE)
+    off[support[:n].long()] = False
+    outside = off.nonzero()[7].item()
+    grad[outside] = float("nan")  # never gathered: must not set the flag
+    if bad is not None:
+        grad[support[n - 3].long()] = 3e38 if bad == "overflow" else bad
+    flag = torch.zeros(1, device=DEVICE)
+    out = fn(grad, support, n, 0.1 if bad == "overflow" else KEEP, poison(torch.empty(numel, device=DEVICE)), flag)
+    assert flag.item() == (0.0 if bad is None else 1.0)
+    expected = gather.gather_grad_torch(grad, support, n, 0.1 if bad == "overflow" else KEEP,
+                                        torch.empty(numel, device=DEVICE))
+    assert_close(out, expected, "elementwise", "gather with the check")
+    flag.fill_(1.0)
+    fn(_grad(numel, torch.float32, False), support, n, KEEP, out, flag)
+    assert flag.item() == 1.0, "the flag is never cleared by a gather"
+    with pytest.raises(ValueError, match="found_inf"):
+        fn(grad, support, n, KEEP, out, torch.zeros(1, dtype=torch.int32, device=DEVICE))

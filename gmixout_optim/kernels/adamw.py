@@ -12,6 +12,12 @@ With ``S = support[:n]``, ``v = residual[:n]`` and the compact moments ``m, s`` 
     w_S &\leftarrow a + v / keep
 
 ``step`` is the step count *after* this step (torch increments ``state['step']`` first).
+
+Options (keywords, off by default): ``compact_grad`` is ``grad_S / keep`` already gathered
+(by :func:`~.gather.gather_grad`, which can check it for inf/NaN on the way), read instead of
+gathering ``grad_flat`` again; ``found_inf`` (one-element fp32) makes the step a no-op when it
+is non-zero, read on the device (torch's fused AdamW honours its ``found_inf`` the same way),
+so a step with a non-finite gradient changes nothing and the host never waits for the verdict.
 The PyTorch path runs torch's single-tensor AdamW ops on the compact tensors, so it matches
 ``torch.optim.AdamW(foreach=False)`` on ``v`` bit for bit; the kernel follows the same order
 of operations (a few ulp apart where the compiler fuses a multiply-add).
@@ -22,14 +28,24 @@ import torch
 
 from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype
 from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, tl, triton, use_triton
+from .gather import check_flag
 
 
-def _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step):
+def _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step,
+           compact_grad=None, found_inf=None):
     check_flat("param_flat", param_flat)
-    check_flat("grad_flat", grad_flat)
-    if grad_flat.numel() != param_flat.numel():
-        raise ValueError(f"grad_flat has {grad_flat.numel()} elements, param_flat {param_flat.numel()}")
+    check_flag(found_inf)
+    if compact_grad is None:
+        if grad_flat is None:
+            raise ValueError("grad_flat may be None only when compact_grad is given")
+        check_flat("grad_flat", grad_flat)
+        if grad_flat.numel() != param_flat.numel():
+            raise ValueError(f"grad_flat has {grad_flat.numel()} elements, param_flat {param_flat.numel()}")
     n = check_n(n, support)
+    if compact_grad is not None:
+        check_vec("compact_grad", compact_grad, n)
+        if compact_grad.dtype != torch.float32:
+            raise ValueError(f"compact_grad must be fp32, got {compact_grad.dtype}")
     for name, t in (("residual", residual), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_vec(name, t, n)
         if t.dtype != torch.float32:
@@ -42,13 +58,38 @@ def _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anc
 
 
 def fused_adamw_step_torch(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor,
-                           *, step, lr, beta1, beta2, eps, weight_decay, decoupled, keep):
+                           *, step, lr, beta1, beta2, eps, weight_decay, decoupled, keep,
+                           compact_grad=None, found_inf=None):
     """PyTorch reference: torch's ``_single_tensor_adam`` ops on the compact tensors."""
-    n = _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step)
+    n = _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step,
+               compact_grad, found_inf)
+    if found_inf is not None:
+        if found_inf.device.type == "cpu":
+            if found_inf.item() != 0:
+                return
+        else:  # no host sync: step on copies, keep the old values where the flag is set
+            saved = [t[:n].clone() for t in (residual, exp_avg, exp_avg_sq)]
+            w_old = param_flat.index_select(0, support[:n])
+            _adamw_torch(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step,
+                         lr, beta1, beta2, eps, weight_decay, decoupled, keep, compact_grad)
+            skip = found_inf.view(()) != 0
+            for t, old in zip((residual, exp_avg, exp_avg_sq), saved):
+                t[:n] = torch.where(skip, old, t[:n])
+            scatter_(param_flat, support[:n], torch.where(skip, w_old, param_flat.index_select(0, support[:n])))
+            return
+    _adamw_torch(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step,
+                 lr, beta1, beta2, eps, weight_decay, decoupled, keep, compact_grad)
+
+
+def _adamw_torch(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step,
+                 lr, beta1, beta2, eps, weight_decay, decoupled, keep, compact_grad):
     s_idx = support[:n]
     v, m, s = residual[:n], exp_avg[:n], exp_avg_sq[:n]
     a = anchor[:n] if anchor is not None else param_flat.index_select(0, s_idx) - v / keep
-    g = grad_flat.index_select(0, s_idx).float() / keep
+    if compact_grad is not None:
+        g = compact_grad[:n]
+    else:
+        g = grad_flat.index_select(0, s_idx).float() / keep
     if weight_decay != 0:
         if decoupled:
             v.mul_(1 - lr * weight_decay)
@@ -66,12 +107,12 @@ def fused_adamw_step_torch(param_flat, grad_flat, support, n, residual, exp_avg,
 if HAS_TRITON:
 
     @triton.jit
-    def _adamw_kernel(param, grad, support, residual, exp_avg, exp_avg_sq, anchor, n,
-                      keep, wd, wd_factor, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step,
-                      HAS_ANCHOR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr,
-                      LERP_SMALL: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        msk = i < n
+    def adamw_block(param, grad, support, residual, exp_avg, exp_avg_sq, anchor, i, msk,
+                    keep, wd, wd_factor, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step,
+                    HAS_ANCHOR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr,
+                    LERP_SMALL: tl.constexpr, COMPACT: tl.constexpr, CDT: tl.constexpr):
+        """The step on slots ``i`` where ``msk`` (shared with the grouped kernel). With
+        ``COMPACT``, ``grad`` is the gathered ``grad_S / keep``, indexed by slot."""
         idx = tl.load(support + i, mask=msk, other=0)
         v = tl.load(residual + i, mask=msk, other=0.0)
         m = tl.load(exp_avg + i, mask=msk, other=0.0)
@@ -80,7 +121,10 @@ if HAS_TRITON:
             a = tl.load(anchor + i, mask=msk, other=0.0).to(CDT)
         else:
             a = tl.load(param + idx, mask=msk, other=0.0).to(CDT) - tl.math.div_rn(v, keep).to(CDT)
-        g = tl.math.div_rn(tl.load(grad + idx, mask=msk, other=0.0).to(tl.float32), keep)
+        if COMPACT:
+            g = tl.load(grad + i, mask=msk, other=0.0)
+        else:
+            g = tl.math.div_rn(tl.load(grad + idx, mask=msk, other=0.0).to(tl.float32), keep)
         if HAS_WD:
             if DECOUPLED:
                 v = v * wd_factor
@@ -100,27 +144,52 @@ if HAS_TRITON:
         w = a + tl.math.div_rn(v, keep).to(CDT)
         tl.store(param + idx, cast_to(w, param.dtype.element_ty), mask=msk)
 
+    @triton.jit
+    def _adamw_kernel(param, grad, support, residual, exp_avg, exp_avg_sq, anchor, n, found_inf,
+                      keep, wd, wd_factor, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step,
+                      HAS_ANCHOR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr,
+                      LERP_SMALL: tl.constexpr, COMPACT: tl.constexpr, HONOUR_INF: tl.constexpr,
+                      CDT: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if HONOUR_INF:  # a masked-off block moves no bytes: a skipped step costs one load a program
+            n = tl.where(tl.load(found_inf) != 0, 0, n)
+        msk = i < n
+        adamw_block(param, grad, support, residual, exp_avg, exp_avg_sq, anchor, i, msk,
+                    keep, wd, wd_factor, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step,
+                    HAS_ANCHOR, DECOUPLED, HAS_WD, LERP_SMALL, COMPACT, CDT)
+
+
+def adamw_scalars(*, step, lr, beta1, beta2, eps, weight_decay, keep):
+    """The kernel's fp32 scalars, in its argument order (shared with the grouped launcher)."""
+    return (float(keep), float(weight_decay), float(1 - lr * weight_decay), float(1 - beta1), float(beta2),
+            float(1 - beta2), float((1 - beta2 ** step) ** 0.5), float(eps), float(-(lr / (1 - beta1 ** step))))
+
 
 def fused_adamw_step_triton(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor,
-                            *, step, lr, beta1, beta2, eps, weight_decay, decoupled, keep):
+                            *, step, lr, beta1, beta2, eps, weight_decay, decoupled, keep,
+                            compact_grad=None, found_inf=None):
     """Triton kernel: the whole step in one pass over the support."""
-    n = _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step)
+    n = _check(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step,
+               compact_grad, found_inf)
     if not n:
         return
     src = anchor if anchor is not None else param_flat
     lerp_w = 1 - beta1
     block, warps = launch("adamw")
     _adamw_kernel[grid(n, block)](
-        param_flat, grad_flat, support, residual, exp_avg, exp_avg_sq, src, n,
-        float(keep), float(weight_decay), float(1 - lr * weight_decay), float(lerp_w), float(beta2),
-        float(1 - beta2), float((1 - beta2 ** step) ** 0.5), float(eps), float(-(lr / (1 - beta1 ** step))),
+        param_flat, grad_flat if compact_grad is None else compact_grad, support, residual, exp_avg,
+        exp_avg_sq, src, n, residual if found_inf is None else found_inf,
+        *adamw_scalars(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, keep=keep),
         HAS_ANCHOR=anchor is not None, DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0,
-        LERP_SMALL=abs(lerp_w) < 0.5, CDT=tl_dtype(compute_dtype(src.dtype)), BLOCK=block, num_warps=warps)
+        LERP_SMALL=abs(lerp_w) < 0.5, COMPACT=compact_grad is not None, HONOUR_INF=found_inf is not None,
+        CDT=tl_dtype(compute_dtype(src.dtype)), BLOCK=block, num_warps=warps)
 
 
 def fused_adamw_step(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor,
-                     *, step, lr, beta1, beta2, eps, weight_decay, decoupled, keep):
+                     *, step, lr, beta1, beta2, eps, weight_decay, decoupled, keep,
+                     compact_grad=None, found_inf=None):
     """Dispatching fused sparse Adam/AdamW step (CUDA -> Triton, else PyTorch)."""
     impl = fused_adamw_step_triton if use_triton(param_flat) else fused_adamw_step_torch
     impl(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step=step, lr=lr,
-         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, keep=keep)
+         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, keep=keep,
+         compact_grad=compact_grad, found_inf=found_inf)

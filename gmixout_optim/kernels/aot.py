@@ -63,8 +63,10 @@ def specs() -> list[Spec]:
         for idx in ("i32", "i64") if wd == "bf16" else ("i32",):
             v = f"w={wd} S={idx}"
             anchored = wd != "fp32"  # 16-bit weights keep a stored anchor (weight dtype), fp32 derive it
-            add("gather", "_gather_kernel", v, dict(grad=f"*{wd}", support=f"*{idx}", out="*fp32", n="i64",
-                                                    capacity="i64", keep="fp32"), {}, "gather")
+            for check in (False, True):
+                add("gather", "_gather_kernel", f"{v} check={check}",
+                    dict(grad=f"*{wd}", support=f"*{idx}", out="*fp32", n="i64", capacity="i64", keep="fp32",
+                         found_inf="*fp32"), {"CHECK": check}, "gather")
             add("write", "_anchor_kernel", v, dict(param=f"*{wd}", support=f"*{idx}", residual="*fp32",
                                                    out="*fp32", n="i64", keep="fp32"), {"CDT": f32}, "anchor")
             add("write", "_write_kernel", v, dict(param=f"*{wd}", support=f"*{idx}", anchor=f"*{wd}",
@@ -74,12 +76,14 @@ def specs() -> list[Spec]:
                 {"HAS_ANCHOR": anchored, "CDT": f32}, "merge")
             scal = dict.fromkeys(["keep", "wd", "wd_factor", "lerp_w", "beta2", "one_minus_beta2", "bc2_sqrt",
                                   "eps", "neg_step"], "fp32")
-            for decoupled in (True, False):
-                add("adamw", "_adamw_kernel", f"{v} decoupled={decoupled}",
-                    dict(scal, param=f"*{wd}", grad=f"*{wd}", support=f"*{idx}", residual="*fp32", exp_avg="*fp32",
-                         exp_avg_sq="*fp32", anchor=f"*{wd}", n="i64"),
+            # gathering grad_S itself, or reading the checked compact gradient and honouring found_inf
+            for decoupled, compact in ((True, False), (False, False), (True, True)):
+                add("adamw", "_adamw_kernel", f"{v} decoupled={decoupled} compact={compact}",
+                    dict(scal, param=f"*{wd}", grad="*fp32" if compact else f"*{wd}", support=f"*{idx}",
+                         residual="*fp32", exp_avg="*fp32", exp_avg_sq="*fp32", anchor=f"*{wd}", n="i64",
+                         found_inf="*fp32"),
                     {"HAS_ANCHOR": anchored, "DECOUPLED": decoupled, "HAS_WD": True, "LERP_SMALL": True,
-                     "CDT": f32}, "adamw")
+                     "COMPACT": compact, "HONOUR_INF": compact, "CDT": f32}, "adamw")
     for idx in ("i32", "i64"):
         add("support", "_count_kernel", f"S={idx}", dict(blk_global="*i64", blk_len="*i32", blk_seed="*i64",
                                                        counts="*i32", keep="fp32"), {}, "support_count")
