@@ -132,3 +132,55 @@ def test_bad_input_is_rejected(segs, keep, match):
 def test_capacity_formula():
     assert support_capacity(0, 0.1) == 0 and support_capacity(10, 0.1) == 10
     assert support_capacity(10**6, 0.1) == math.ceil(1e5 + 6 * math.sqrt(1e6 * 0.09)) + 16
+
+
+# Several tensors in one grouped draw: multi-segment tensors, an empty one, unaligned segment
+# ends, different keeps and episodes, one capacity too small (overflow).
+GROUP = [
+    (CASES["pieces"], 0.3, 4),
+    ([], 0.5, 0),
+    (CASES["inside_one_counter"], 0.5, 1),
+    (CASES["offset_past_2^32"], 0.1, 2),
+    ([Segment(0, 9000, 11, 6)], 0.9, 5),
+]
+
+
+def _group_plan(overflow=False):
+    tensors, keeps, episodes = [], [], []
+    for segs, keep, ep in GROUP:
+        numel = max((s.start + s.length for s in segs), default=0)
+        cap = support_capacity(numel, keep)
+        tensors.append((segs, cap // 3 if overflow and numel > 1000 else cap))
+        keeps.append(keep)
+        episodes.append(ep)
+    return sp.SupportPlan(tensors, keeps, DEVICE), episodes
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_grouped_draw_equals_per_tensor_draws(overflow):
+    plan, episodes = _group_plan(overflow)
+    flat, n = sp.draw_support_grouped_triton(plan, 11, episodes)
+    ref_flat, ref_n = sp.draw_support_grouped_torch(plan, 11, episodes)
+    assert n.dtype == torch.int64 and n.device == flat.device
+    assert torch.equal(n.cpu(), ref_n.cpu())
+    assert_close(flat, ref_flat, "exact", "grouped supports")
+    # the reference is the per-tensor draw, tensor by tensor, in the flat layout
+    for (segs, keep, ep), view, cap, nt in zip(GROUP, plan.split(flat), plan.capacities, n.tolist()):
+        one, n1 = sp.draw_support_torch(segs, 11, ep, keep, cap, DEVICE, plan.index_dtype)
+        assert n1 == nt
+        assert_close(view, one, "exact", f"tensor {segs}")
+    assert bool((n > plan.cap).any()) == overflow
+
+
+def test_grouped_draw_does_not_wait_for_the_device():
+    # Sizes stay on the device, the tables were uploaded when the plan was built: the draw
+    # itself uploads only the Philox keys (once) and never reads a device value back.
+    from gmixout_optim.kernels._dispatch import record
+
+    plan, episodes = _group_plan()
+    with record() as events:
+        sp.draw_support_grouped_triton(plan, 11, episodes)
+    assert not [k for k in events if k[0] == "sync"]
+    if DEVICE == "cuda":
+        assert events[("upload", "copy")] == 1
+    assert events[("launch", "draw_support")] == 6

@@ -11,7 +11,7 @@ from ._dispatch import HAS_TRITON, INTERPRET, tl
 # latency. Gathers/scatters are latency bound: 8 elements a thread, 4 warps. The fused step
 # holds ~10 live fp32 values per element: 4 a thread (1024 over 8 warps) keeps it at ~56
 # registers (2048 over 8 warps needed 128: one block per SM quadrant, a quarter occupancy).
-# The Philox kernels evaluate 10 rounds per counter: 4 counters a thread.
+# The Philox kernels evaluate 10 rounds per counter (4 elements): 4 counters a thread.
 LAUNCH = {
     "gather": (1024, 4),
     "anchor": (1024, 4),
@@ -19,8 +19,9 @@ LAUNCH = {
     "merge": (1024, 4),
     "adamw": (1024, 8),
     "philox": (1024, 4),
-    "support_count": (1024, 4),
-    "support_write": (1024, 4),
+    # the draw's count and write passes share one block table, hence one block size
+    "support": (2048, 4),
+    "remap": (1024, 8),
 }
 # The interpreter costs ~10 ms a program whatever its size, so it gets big blocks (the tests'
 # "block plus one" sizes are built around this figure).

@@ -8,7 +8,9 @@ imported (that is how the tests run the kernels without a GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import Counter
 
 import torch
 
@@ -88,3 +90,34 @@ def check_n(n: int, support: torch.Tensor) -> int:
     if not 0 <= n <= support.numel():
         raise ValueError(f"n must be in [0, {support.numel()}] (the support's capacity), got {n}")
     return n
+
+
+# -- instrumentation ----------------------------------------------------------------------
+# Every launcher calls note("launch", op) before each kernel launch (Triton, or a torch op it
+# runs on the device between kernels), note("sync", op) where it waits for the device (a
+# .item(), int(...), .tolist() of a device value) and note("upload", op) for a host-to-device
+# copy, so a test can hold a step to its budget (one launch per op, no sync) without a GPU
+# profiler. Counting costs one dict lookup when nobody records.
+_recorders: list[Counter] = []
+
+
+def note(kind: str, op: str, count: int = 1) -> None:
+    """Count ``count`` events of ``kind`` ("launch", "sync", "upload") for ``op``."""
+    for rec in _recorders:
+        rec[(kind, op)] += count
+
+
+@contextlib.contextmanager
+def record():
+    """``with record() as events:`` counts launches, syncs and uploads per op in the block.
+
+    ``events`` is a ``Counter`` keyed by ``(kind, op)``; ``events[("launch", "gather")]`` is the
+    number of gather launches. Only the PyTorch ops of the Triton launchers (and the Triton
+    launches) are counted; the PyTorch reference path counts its syncs, not its ops.
+    """
+    rec: Counter = Counter()
+    _recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        _recorders.remove(rec)

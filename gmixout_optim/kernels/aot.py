@@ -84,12 +84,15 @@ def specs() -> list[Spec]:
                          found_inf="*fp32"),
                     {"HAS_ANCHOR": anchored, "DECOUPLED": decoupled, "HAS_WD": True, "LERP_SMALL": True,
                      "COMPACT": compact, "HONOUR_INF": compact, "CDT": f32}, "adamw")
+    tab = dict(q0s="*i64", g_los="*i64", g_his="*i64", segs="*i32", tensors="*i32", seeds="*i64", keeps="*fp32")
+    add("support", "_count_kernel", "", dict(tab, counts="*i64"), {}, "support")
     for idx in ("i32", "i64"):
-        add("support", "_count_kernel", f"S={idx}", dict(blk_global="*i64", blk_len="*i32", blk_seed="*i64",
-                                                       counts="*i32", keep="fp32"), {}, "support_count")
-        add("support", "_write_kernel", f"S={idx}", dict(blk_global="*i64", blk_local="*i64", blk_len="*i32",
-                                                       blk_seed="*i64", blk_out="*i64", support=f"*{idx}",
-                                                       capacity="i64", keep="fp32"), {}, "support_write")
+        add("support", "_write_kernel", f"S={idx}",
+            dict(tab, l_bases="*i64", scan="*i64", t_firsts="*i64", t_ends="*i64", out_offs="*i64", caps="*i64",
+                 support=f"*{idx}", sizes="*i64"), {}, "support")
+        add("remap", "_remap_kernel", f"S={idx} K=2",
+            dict(blk_tensor="*i32", blk_start="*i64", caps="*i64", offs="*i64", old_ns="*i64", new_ns="*i64",
+                 old_flat=f"*{idx}", new_flat=f"*{idx}", src="*i64", dst="*i64", T="i32"), {"K": 2}, "remap")
     # test-only kernels (the PyTorch Philox is checked against them): compiled, not hot
     add("philox", "_philox_uniform_kernel", "", dict(offsets_ptr="*i64", out_ptr="*fp32", seed="i64", numel="i64"),
         {}, "philox", hot=False)
