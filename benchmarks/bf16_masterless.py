@@ -1,0 +1,150 @@
+"""Accuracy of GMixout with bf16 parameters and no fp32 master copy, against fp32 GMixout.
+
+The large-model recipe stores every parameter in bf16 and keeps no fp32 master weights:
+inside an episode the fp32 residual ``v`` is GMixout's accumulator (the weight on the support
+is rewritten as ``bf16(A[S] + v/keep)`` from the bf16 anchor each step, so rounding errors do
+not pile up step after step), and a GMixout weight is rounded to bf16 once per episode, at the
+merge. Dense parameters (head, norms, biases) are plain AdamW on bf16 tensors. This script
+measures what that costs on the embedded benchmark (configs/experiments/demo.yaml: ImageNet-
+pretrained EfficientNet-Lite0 on the MNIST subset, 300 steps of batch 32, the demo's GMixout
+hyperparameters and schedule; ID = MNIST test, OOD = digits + 9 corruptions at severity 3).
+
+Per seed and precision: the model is built by the fine-tune harness, cast to the precision
+(``bf16``: parameters and buffers, inputs cast too; the loss is taken on fp32 logits), trained
+with the harness's GMixout method (``make_method("gmixout")``) and schedule (``lr_factor``),
+finalized, then cast to fp32 (exact for bf16 values) so that BatchNorm re-estimation (10 ID
+training batches, as ``train.recalibrate_bn``) and scoring run in the same arithmetic for both
+precisions: the difference measured is that of training and storing the weights in bf16.
+
+Run: python benchmarks/bf16_masterless.py [--seeds 0 1 2] [--precisions fp32 bf16] [--steps 300]
+Writes benchmarks/results/bf16_masterless.json and prints ID / mean OOD per seed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmixout_optim.finetune import data as D
+from gmixout_optim.finetune.cli import load_config
+from gmixout_optim.finetune.evaluate import evaluate_sets, load_test_tensors
+from gmixout_optim.finetune.experiment import validate
+from gmixout_optim.finetune.methods import make_method
+from gmixout_optim.finetune.models import build_model
+from gmixout_optim.finetune.train import id_data_source, lr_factor
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, n_batches: int) -> None:
+    """BatchNorm statistics re-estimated as a cumulative average over ``n_batches`` ID batches
+    (what the harness's ``train.recalibrate_bn`` does for every method)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for _ in range(n_batches):
+        model(batches.next()[0])
+    model.eval()
+
+
+def train_one(cfg: dict, precision: str, seed: int, steps: int) -> tuple[nn.Module, dict]:
+    dtype = DTYPES[precision]
+    torch.manual_seed(seed)
+    model, info = build_model(cfg["model"], 10, None, list(D.CLASS_NAMES), head_seed=seed)
+    model = model.to(dtype)
+    batches, _ = id_data_source(cfg, model, info, seed)
+    method = make_method("gmixout", cfg["method_params"].get("gmixout", {}), seed)
+    net = method.setup(model, info.head_names)
+    opt = method.make_optimizer(net)
+    base = [g["lr"] for g in opt.param_groups]
+    warm = float(cfg["train"].get("warmup_frac", 0.1))
+    net.train()
+    t0 = time.perf_counter()
+    losses = []
+    for step in range(steps):
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr * lr_factor(step, steps, warm)
+        x, y = batches.next()
+        loss = F.cross_entropy(net(x.to(dtype)).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    final = method.finish(net, None).float()
+    wall = time.perf_counter() - t0
+    recalibrate_bn(final, batches, int(cfg["train"].get("bn_batches", 10)))
+    return final, {"train_wall_s": wall, "final_loss_mean_last10": statistics.mean(losses[-10:]),
+                   "skipped_steps": opt.skipped_steps, "info": info}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "experiments", "demo.yaml"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--steps", type=int, default=None, help="default: the config's train.steps")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "bf16_masterless"),
+                    help="cache of the corrupted test sets (git-ignored)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bf16_masterless.json"))
+    args = ap.parse_args()
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    cfg = validate(load_config(args.config))
+    steps = int(args.steps or cfg["train"]["steps"])
+    if steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {steps}")
+    ood_names = [n for n in cfg["test_sets"] if n not in ("test", "id")]
+    tensors = None
+    runs = []
+    for seed in args.seeds:
+        for precision in args.precisions:
+            model, rec = train_one(cfg, precision, seed, steps)
+            info = rec.pop("info")
+            if tensors is None:
+                tensors = load_test_tensors(cfg["test_sets"], cfg["data"], cfg["image_size"], info.mean, info.std,
+                                            os.path.join(args.work_dir, "cache"))
+            scores = evaluate_sets(model, tensors, progress=False)
+            rec.update(precision=precision, seed=seed, steps=steps, test=scores, id=scores["test"],
+                       mean_ood=statistics.mean(scores[n] for n in ood_names))
+            runs.append(rec)
+            print(f"seed {seed} {precision}: ID {100 * rec['id']:.1f}  mean OOD {100 * rec['mean_ood']:.1f}  "
+                  f"(train {rec['train_wall_s']:.0f} s, skipped {rec['skipped_steps']})", flush=True)
+
+    summary = {}
+    for precision in args.precisions:
+        mine = [r for r in runs if r["precision"] == precision]
+        summary[precision] = {
+            k: {"mean": statistics.mean(r[k] for r in mine),
+                "std": statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0} for k in ("id", "mean_ood")}
+    print("\nprecision | ID (%) | mean OOD (%)")
+    for precision, s in summary.items():
+        print(f"{precision} | {100 * s['id']['mean']:.1f} ± {100 * s['id']['std']:.1f} | "
+              f"{100 * s['mean_ood']['mean']:.1f} ± {100 * s['mean_ood']['std']:.1f}")
+    result = {"what": "GMixout with bf16 parameters (no fp32 master) vs fp32, demo budget",
+              "config": os.path.relpath(args.config, ROOT), "steps": steps,
+              "method_params": cfg["method_params"].get("gmixout", {}), "ood_sets": ood_names,
+              "summary": summary, "runs": runs,
+              "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Peak memory of a whole training step, per model parameter, by optimizer mode.
+
+One training step = forward, backward, optimizer step, ``zero_grad(set_to_none=True)``.
+``--steps`` (3) steps are run with ``resample_every=2`` (``--resample-every``): step 1 lays out
+the state, step 2 ends an episode (merge + support redraw + state remap), step 3 is an
+in-episode step on the redrawn support, so the peak covers all three kinds. Batch 1 at
+112 px, one thread, loss = mean of the squared output (random init, nothing downloaded).
+
+Models (``--models``):
+  vit_b16     timm ``vit_base_patch16_224`` at 112 px, 10-class head        (~86M parameters)
+  vit_l16     timm ``vit_large_patch16_224`` at 112 px, 10-class head       (~303M)
+  vit_bigg14  open_clip ``ViT-bigG-14``'s vision tower (48 layers, width 1664, output 1280),
+              built from open_clip's own config at 112 px                  (~1.84B)
+16-bit models are built directly in bf16 (``torch.set_default_dtype``) so the build never
+holds an fp32 copy.
+
+Modes (``--modes``):
+  adamw_amp             AdamW, fp32 parameters, forward/backward under bf16 autocast (the usual
+                        mixed precision)
+  adamw_bf16            AdamW, bf16 parameters (and bf16 AdamW state), no master copy
+  gmixout_fp32          GMixoutOptimizer(AdamW), fp32 parameters, bf16 autocast (as adamw_amp)
+  gmixout_bf16          GMixoutOptimizer(AdamW), bf16 parameters, no master copy
+  gmixout_bf16_capture  as gmixout_bf16 with ``capture_grads=True`` (no dense weight gradient kept);
+                        reported as "not available" when the optimizer has no such argument
+GMixout: ``gmixout_param_groups(model)``, p = 0.9, lr 1e-5. No activation checkpointing is used
+(``--checkpointing`` turns on the models' own; at batch 1 and 112 px activations are a few
+percent of the total).
+
+Measure: each (model, mode) runs in a fresh child process started with
+``MALLOC_MMAP_THRESHOLD_=131072`` (glibc returns freed buffers instead of caching them) and
+OMP_NUM_THREADS=1. On CPU the figure is the growth of the process's peak RSS (``VmHWM``)
+over its resident size right after ``import torch`` and the libraries (timm or open_clip,
+gmixout_optim; their imports, ~0.25 GB, are not training memory, and would add 2.9 bytes per
+ViT-B parameter: the JSON keeps them as ``imports_bytes``); on CUDA (``--device cuda``) it is
+``torch.cuda.max_memory_allocated()``. Step time: CPU seconds of the last in-episode step and
+of the last episode-ending step (merge + redraw), in that child; the ratio divides the
+in-episode CPU time by adamw_amp's on the same model (separate processes: CPU time is the
+figure least moved by other jobs on a shared machine; wall times are in the JSON).
+
+Before running, every mode's bytes are predicted (parameters, gradients, optimizer state,
+autocast's bf16 weight copies, one largest-tensor temporary, an activation estimate). A
+mode predicted above the machine's free memory (``MemAvailable`` less ``--margin-gb``, or
+``--max-gb``) is not run: its row shows the prediction and says so. While a child runs, it
+is stopped if the machine's MemAvailable falls below 1 GB (the machine may be shared).
+
+Run: python benchmarks/memory.py [--models vit_b16 vit_l16 vit_bigg14] [--modes ...] [--device cpu]
+Writes benchmarks/results/memory_cpu.json (CUDA: memory_<gpu name>.json) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+MODELS = ("vit_b16", "vit_l16", "vit_bigg14")
+MODES = ("adamw_amp", "adamw_bf16", "gmixout_fp32", "gmixout_bf16", "gmixout_bf16_capture")
+MODE_SPEC = {  # parameter dtype, autocast, optimizer, capture_grads
+    "adamw_amp": ("float32", True, "adamw", False),
+    "adamw_bf16": ("bfloat16", False, "adamw", False),
+    "gmixout_fp32": ("float32", True, "gmixout", False),
+    "gmixout_bf16": ("bfloat16", False, "gmixout", False),
+    "gmixout_bf16_capture": ("bfloat16", False, "gmixout", True),
+}
+IMAGE_SIZE = 112
+P_MASK = 0.9
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- models -----------------------------------------------------------------------------
+
+def build_model(name: str, checkpointing: bool = False):
+    """The model in the current default dtype and device (see ``torch.set_default_dtype`` /
+    ``torch.device`` as a context); random init, nothing downloaded."""
+    if name in ("vit_b16", "vit_l16"):
+        import timm
+
+        arch = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224"}[name]
+        model = timm.create_model(arch, pretrained=False, img_size=IMAGE_SIZE, num_classes=10)
+    elif name == "vit_bigg14":
+        import open_clip
+        from open_clip.transformer import VisionTransformer
+
+        cfg = open_clip.get_model_config("ViT-bigG-14")
+        vis = cfg["vision_cfg"]
+        model = VisionTransformer(
+            image_size=IMAGE_SIZE, patch_size=vis["patch_size"], width=vis["width"], layers=vis["layers"],
+            heads=vis["width"] // vis["head_width"], mlp_ratio=vis["mlp_ratio"], output_dim=cfg["embed_dim"])
+    else:
+        raise ValueError(f"unknown model {name!r}; allowed: {MODELS}")
+    if checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def model_shape(name: str) -> dict:
+    """Element counts from a meta-device build (no memory): GMixout vs dense elements, the
+    largest GMixout tensor, and the numbers the activation estimate needs."""
+    import torch
+
+    from gmixout_optim import gmixout_param_groups
+
+    with torch.device("meta"):
+        model = build_model(name)
+    groups = gmixout_param_groups(model)
+    sparse = [p for g in groups if g["gmixout"] for p in g["params"]]
+    dense = [p for g in groups if not g["gmixout"] for p in g["params"]]
+    blocks = [m for m in model.modules() if type(m).__name__ in ("Block", "ResidualAttentionBlock")]
+    width = {"vit_b16": 768, "vit_l16": 1024, "vit_bigg14": 1664}[name]
+    patch = 14 if name == "vit_bigg14" else 16
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "gmixout_elements": sum(p.numel() for p in sparse), "dense_elements": sum(p.numel() for p in dense),
+            "largest_gmixout_tensor": max(p.numel() for p in sparse), "gmixout_tensors": len(sparse),
+            "layers": len(blocks), "width": width, "tokens": (IMAGE_SIZE // patch) ** 2 + 1}
+
+
+def predict_bytes(shape: dict, mode: str) -> dict:
+    """Bytes of one step's peak, by part (a model of the step, not a measurement).
+
+    GMixout state per support element (support fraction keep = 1 - p, buffers of capacity
+    ~keep * numel): int32 index 4, fp32 residual 4, AdamW exp_avg 4 + exp_avg_sq 4, the fp32
+    residual gradient 4, and a 16-bit anchor 2 for 16-bit parameters. Without capture the
+    dense weight gradient of every tensor is alive at the step; with it, one (the largest).
+    """
+    dtype, autocast, opt, capture = MODE_SPEC[mode]
+    w = 4 if dtype == "float32" else 2
+    n, ng, nd, big = shape["params"], shape["gmixout_elements"], shape["dense_elements"], shape["largest_gmixout_tensor"]
+    keep = 1.0 - P_MASK
+    parts = {"params": n * w}
+    if opt == "adamw":
+        parts["grads"] = n * w
+        parts["adamw_state"] = 2 * n * w
+    else:
+        per_support = 4 + 4 + 8 + 4 + (2 if w == 2 else 0)
+        parts["gmixout_state"] = int(ng * keep * per_support)
+        parts["dense_adamw_state"] = 2 * nd * w
+        parts["grads"] = (big + nd) * w if capture else n * w
+    if autocast:  # bf16 copies of the Linear weights, saved by autograd for the backward pass
+        parts["autocast_weight_copies"] = ng * 2
+    # per-tensor temporaries of the step (support draw, long indices, AdamW's foreach-free math)
+    parts["temporaries"] = big * 8
+    act_bytes = 2 if (autocast or w == 2) else 4
+    hidden = shape["width"] * 4.9 if shape["layers"] == 48 else shape["width"] * 4
+    parts["activations"] = int(shape["layers"] * shape["tokens"] * (shape["width"] * 12 + hidden * 3) * act_bytes)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# -- the child: one (model, mode) -----------------------------------------------------------
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def capture_available() -> bool:
+    from gmixout_optim import GMixoutOptimizer
+
+    return "capture_grads" in inspect.signature(GMixoutOptimizer.__init__).parameters
+
+
+def child(model_name: str, mode: str, device: str, steps: int, resample_every: int, checkpointing: bool) -> dict:
+    import torch
+
+    torch_rss = _status_kb("VmRSS")  # right after `import torch`
+    torch.set_num_threads(1)
+    # The libraries' imports are not training memory (timm alone adds ~0.24 GB: 2.7 bytes per
+    # ViT-B parameter): the baseline is taken after them; the JSON keeps both figures.
+    if model_name == "vit_bigg14":
+        import open_clip  # noqa: F401
+    else:
+        import timm  # noqa: F401
+    from gmixout_optim import GMixoutOptimizer, gmixout_param_groups
+
+    base_rss = _status_kb("VmRSS")
+
+    dtype_name, autocast, opt_name, capture = MODE_SPEC[mode]
+    dtype = getattr(torch, dtype_name)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            model = build_model(model_name, checkpointing)
+    finally:
+        torch.set_default_dtype(old)
+    build_s = time.perf_counter() - t0
+    model.train()
+    if opt_name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    else:
+        extra = {"capture_grads": True} if capture else {}
+        opt = GMixoutOptimizer(gmixout_param_groups(model), lr=1e-5, p=P_MASK, resample_every=resample_every,
+                               **extra)
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=dev, dtype=dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    wall, cpu, losses = [], [], []
+    for _ in range(steps):
+        t_wall, t_cpu = time.perf_counter(), time.process_time()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        loss = out.float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t_wall)
+        cpu.append(time.process_time() - t_cpu)
+        losses.append(loss.item())
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kb("VmHWM") - base_rss
+    # step i (1-based) ends an episode iff i % resample_every == 0: report the last of each kind
+    boundary = [i for i in range(steps) if (i + 1) % resample_every == 0]
+    inside = [i for i in range(steps) if (i + 1) % resample_every != 0 and i > 0]
+    return {"peak_bytes": peak, "imports_bytes": base_rss - torch_rss,
+            "step_cpu_s": cpu[-1], "step_wall_s": wall[-1],
+            "boundary_step_cpu_s": cpu[boundary[-1]] if boundary else None,
+            "inner_step_cpu_s": cpu[inside[-1]] if inside else None,
+            "steps_wall_s": wall, "steps_cpu_s": cpu,
+            "build_s": build_s, "losses": losses, "skipped_steps": getattr(opt, "skipped_steps", 0),
+            "baseline": ("VmRSS after import torch, timm/open_clip and gmixout_optim" if dev.type == "cpu"
+                         else "max_memory_allocated")}
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not in /proc/meminfo")
+
+
+def run_child(args, model: str, mode: str) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", model, mode, "--device", args.device,
+           "--steps", str(args.steps), "--resample-every", str(args.resample_every)]
+    if args.checkpointing:
+        cmd.append("--checkpointing")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    low = False
+    while proc.poll() is None:
+        if args.device == "cpu" and mem_available() < args.abort_below_gb * 1e9:
+            proc.kill()  # leave the shared machine usable; the row says why
+            low = True
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    if low:
+        return {"status": f"aborted: machine MemAvailable fell below {args.abort_below_gb} GB"}
+    if proc.returncode != 0:
+        return {"status": f"failed (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}"}
+    return {"status": "measured", **json.loads(out.strip().splitlines()[-1])}
+
+
+def _inner_cpu(r: dict) -> float:
+    return r["inner_step_cpu_s"] if r.get("inner_step_cpu_s") is not None else r["step_cpu_s"]
+
+
+def fmt_row(r: dict, amp: dict | None) -> str:
+    pred = r["predicted"]["total"] / r["params"]
+    if "peak_bytes" not in r:
+        return (f"| {r['model']} | {r['mode']} | {pred:.1f} ({r['predicted']['total'] / 1e9:.1f} GB) | - | - | - | - "
+                f"| {r['status']} |")
+    ratio = f"{_inner_cpu(r) / _inner_cpu(amp):.2f}" if amp else "-"
+    inner = f"{_inner_cpu(r):.2f}"
+    boundary = f"{r['boundary_step_cpu_s']:.2f}" if r.get("boundary_step_cpu_s") is not None else "-"
+    return (f"| {r['model']} | {r['mode']} | {pred:.1f} | {r['peak_bytes'] / r['params']:.2f} | "
+            f"{r['peak_bytes'] / 1e9:.2f} | {inner} / {boundary} | {ratio} | {r['status']} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--resample-every", type=int, default=2)
+    ap.add_argument("--checkpointing", action="store_true", help="the models' activation checkpointing")
+    ap.add_argument("--margin-gb", type=float, default=3.0, help="kept free beside a run's predicted peak")
+    ap.add_argument("--max-gb", type=float, default=None, help="skip modes predicted above this (default: "
+                    "MemAvailable - margin, read before each run)")
+    ap.add_argument("--abort-below-gb", type=float, default=1.0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    if args.resample_every < 1:
+        raise SystemExit(f"--resample-every must be >= 1, got {args.resample_every}")
+    if args.child:
+        model, mode = args.child
+        print(json.dumps(child(model, mode, args.device, args.steps, args.resample_every, args.checkpointing)))
+        return
+
+    import torch
+
+    torch.set_num_threads(1)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else None
+    has_capture = capture_available()
+    rows = []
+    for model in args.models:
+        shape = model_shape(model)
+        for mode in args.modes:
+            pred = predict_bytes(shape, mode)
+            row = {"model": model, "mode": mode, "params": shape["params"], "shape": shape, "predicted": pred,
+                   "param_dtype": MODE_SPEC[mode][0], "autocast_bf16": MODE_SPEC[mode][1],
+                   "activation_checkpointing": args.checkpointing, "steps": args.steps,
+                   "resample_every": args.resample_every,
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            if args.device == "cuda":
+                free = torch.cuda.mem_get_info()[0]
+            else:
+                free = mem_available()
+            budget = args.max_gb * 1e9 if args.max_gb is not None else free - args.margin_gb * 1e9
+            if MODE_SPEC[mode][3] and not has_capture:
+                row["status"] = "not available (GMixoutOptimizer has no capture_grads)"
+            elif pred["total"] > budget:
+                row["status"] = (f"not run: predicted {pred['total'] / 1e9:.1f} GB > {budget / 1e9:.1f} GB free "
+                                 f"(MemAvailable {free / 1e9:.1f} GB less {args.margin_gb} GB margin)")
+            else:
+                print(f"[run] {model} {mode}: predicted {pred['total'] / 1e9:.2f} GB, free {free / 1e9:.1f} GB",
+                      flush=True)
+                row.update(run_child(args, model, mode))
+                if row["status"] == "measured" and row["skipped_steps"]:
+                    row["status"] = f"measured, but {row['skipped_steps']} step(s) skipped (non-finite)"
+            print(f"[{row['status']}] {model} {mode}" + (
+                f": {row['peak_bytes'] / row['params']:.2f} B/param, {row['peak_bytes'] / 1e9:.2f} GB, "
+                f"step {row['step_wall_s']:.2f} s" if "peak_bytes" in row else ""), flush=True)
+            rows.append(row)
+
+    what = ("peak RSS growth (VmHWM - VmRSS after importing torch and the libraries)" if args.device == "cpu"
+            else "max_memory_allocated")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"memory_{gpu or 'cpu'}.json")
+    if os.path.exists(out):  # keep the rows of models/modes not run this time
+        with open(out) as f:
+            old = json.load(f).get("rows", [])
+        mine = {(r["model"], r["mode"]) for r in rows}
+        rows = [r for r in old if (r["model"], r["mode"]) not in mine] + rows
+        rows.sort(key=lambda r: (MODELS.index(r["model"]), MODES.index(r["mode"])))
+
+    print(f"\n{what}; batch 1 at {IMAGE_SIZE} px; steps / resample_every per row in the JSON")
+    print("| model | mode | predicted B/param | measured B/param | GB | step CPU s (in episode / merge+redraw) "
+          "| in-episode CPU / adamw_amp | status |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        amp = next((a for a in rows if a["model"] == r["model"] and a["mode"] == "adamw_amp" and "peak_bytes" in a),
+                   None)
+        print(fmt_row(r, amp))
+    result = {"benchmark": "memory", "measure": what, "image_size": IMAGE_SIZE, "batch": 1, "p": P_MASK,
+              "device": gpu or "cpu",
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1},
+              "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
