@@ -6,6 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR: keep that build inside this
+# venv (make clean drops it), not in ~/.cache/torch_extensions, which every environment on
+# the machine shares and invalidates. Exported to every recipe that may start DeepSpeed.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv demo compare test bench clean
 

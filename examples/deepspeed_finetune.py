@@ -106,8 +106,11 @@ def main(argv=None) -> None:
     if args.save_dir:
         engine.save_checkpoint(args.save_dir, tag="final")
         if rank == 0:
-            print(f"fp32 weights: python {os.path.join(args.save_dir, 'zero_to_fp32.py')} "
-                  f"{args.save_dir} model.bin --tag final   (or deepspeed.utils.zero_to_fp32)")
+            # zero_to_fp32's second argument is an output FOLDER (DeepSpeed 0.19.8, pinned, writes
+            # pytorch_model.bin, or model.safetensors with --safe_serialization, inside it).
+            print(f"fp32 weights: python -m deepspeed.utils.zero_to_fp32 {args.save_dir} "
+                  f"{os.path.join(args.save_dir, 'fp32')} --tag final   "
+                  f"(writes {os.path.join(args.save_dir, 'fp32', 'pytorch_model.bin')})")
     engine.destroy()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit: no rank tears down gloo under another
