@@ -75,9 +75,10 @@ def split_param_groups(params: Iterable, gmixout_tensors: Iterable[torch.Tensor]
     """Split each param group into its GMixout part and its dense part, in that order.
 
     ``params``: tensors or param groups (timm's). Both parts keep every key of their group
-    (``weight_decay``, ``lr_scale``, ...); empty parts are left out. ``gmixout_tensors``:
-    the tensors to train with GMixout. ``None`` is allowed only when every group already
-    says ``"gmixout"`` (e.g. groups from ``gmixout_param_groups``): they are used as given.
+    (``weight_decay``, ``lr_scale``, ...); empty parts are left out. A group that already
+    says ``"gmixout"`` (e.g. from a ``param_group_fn``) is kept as it is. ``gmixout_tensors``:
+    the tensors to train with GMixout; ``None`` is allowed only when every group says
+    ``"gmixout"`` (e.g. groups from ``gmixout_param_groups``).
     """
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or param groups, not a tensor")
@@ -94,6 +95,9 @@ def split_param_groups(params: Iterable, gmixout_tensors: Iterable[torch.Tensor]
     sparse_ids = {id(t) for t in gmixout_tensors}
     out = []
     for group in groups:
+        if "gmixout" in group:  # the caller decided for this group: keep it
+            out.append(group)
+            continue
         tensors = group["params"]
         tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         sparse = [t for t in tensors if id(t) in sparse_ids]

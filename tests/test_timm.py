@@ -150,6 +150,19 @@ def test_bad_gmixout_values_get_the_constructors_error(registered):
         timm.optim.create_optimizer_v2(model, opt="lookahead_gmixout")
 
 
+def test_groups_that_say_gmixout_are_kept_as_given(registered):
+    model = _model()
+
+    def all_dense_but_fc2(m):  # a param_group_fn that decides itself
+        fc2 = [blk.mlp.fc2.weight for blk in m.blocks]
+        rest = [t for t in m.parameters() if all(t is not f for f in fc2)]
+        return [{"params": fc2, "gmixout": True}, {"params": rest, "gmixout": False, "weight_decay": 0.0}]
+
+    opt = timm.optim.create_optimizer_v2(model, opt="gmixout", lr=LR, param_group_fn=all_dense_but_fc2)
+    assert [g["gmixout"] for g in opt.param_groups] == [True, False]
+    assert {id(t) for t in opt.param_groups[0]["params"]} == {id(b.mlp.fc2.weight) for b in model.blocks}
+
+
 def test_param_groups_instead_of_a_model(registered):
     model = _model()
     groups = gmixout_param_groups(model, weight_decay=WD)
