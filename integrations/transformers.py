@@ -166,9 +166,11 @@ def gmixout_optimizers(model: nn.Module, args: Any, *, inner: Any = "AdamW", hea
     ``TrainingArguments``: ``learning_rate``, ``weight_decay`` (2-D tensors outside the
     model's ``no_weight_decay()``; 1-D tensors get none) and, for Adam/AdamW, ``adam_beta1``,
     ``adam_beta2``, ``adam_epsilon``. ``inner``: the inner optimizer (a ``torch.optim`` name
-    or class). ``kwargs``: GMixout's hyperparameters (``p``, ``ema_decay``,
-    ``resample_every``, ``merge``, ``state_policy``, ``seed``, ``skip_nonfinite``, checked
-    by :mod:`gmixout_optim.hparams`) and the inner optimizer's, which override ``args``.
+    or class). ``head_names``: the head that stays dense (see ``gmixout_param_groups``);
+    ``weight_decay``: overrides ``args.weight_decay``. ``kwargs``: GMixout's hyperparameters
+    (``p``, ``ema_decay``, ``resample_every``, ``merge``, ``state_policy``, ``seed``,
+    ``skip_nonfinite``, checked by :mod:`gmixout_optim.hparams`) and the inner optimizer's,
+    which override ``args``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the torch.nn.Module given to the Trainer, got {type(model).__name__}")
