@@ -66,3 +66,11 @@ def test_occupancy_formula():
     assert occupancy(32, 4) == 1.0
     # allocation is per warp in units of 256 registers: 57 -> 64 a thread
     assert occupancy(57, 8) == occupancy(64, 8) == 0.5
+
+
+def test_grouped_kernels_share_the_slot_block():
+    # One TensorGroup builds one block table (with "gather"'s block) for all its ops.
+    from gmixout_optim.kernels._common import LAUNCH
+
+    grouped = {op: LAUNCH[op][0] for op in ("gather", "anchor", "write", "merge", "adamw_grouped")}
+    assert len(set(grouped.values())) == 1, grouped

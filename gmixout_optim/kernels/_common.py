@@ -22,6 +22,10 @@ LAUNCH = {
     # the draw's count and write passes share one block table, hence one block size
     "support": (2048, 4),
     "remap": (1024, 8),
+    # The grouped kernels run over one slot-block table per TensorGroup (its block: "gather"'s);
+    # only their warps differ. The grouped step computes its step/lr scalars in fp64 from
+    # device values: 8 warps needed 64-68 registers (a 12-byte spill on sm_80), 16 need 49.
+    "adamw_grouped": (1024, 16),
 }
 # The interpreter costs ~10 ms a program whatever its size, so it gets big blocks (the tests'
 # "block plus one" sizes are built around this figure).
@@ -40,6 +44,12 @@ def launch(op: str) -> tuple[int, int]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype for weights of ``dtype``: fp32 for 16/32-bit, fp64 for fp64 (torch promotion)."""
     return torch.promote_types(torch.float32, dtype)
+
+
+def tl_type(d: torch.dtype):
+    """The Triton type of any torch dtype a kernel reads through a pointer table."""
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+            torch.float16: tl.float16, torch.int32: tl.int32, torch.int64: tl.int64}[d]
 
 
 def tl_dtype(d: torch.dtype):

@@ -57,3 +57,74 @@ class SlotBlocks:
         self.tensor = upload(tensor, torch.int32, device)
         self.start = upload(start, torch.int64, device)
         self.capacity = upload(capacities, torch.int64, device)
+
+
+class TensorGroup:
+    """The tensors of one grouped launch per op: one weight dtype, one support index dtype.
+
+    ``params``: each tensor's flat weights (views are fine); ``supports``: its support buffer
+    (``capacity_t`` slots, e.g. the views of a grouped draw's flat buffer); ``keeps``: its
+    ``1 - p``. ``n`` is the int64 device tensor of support sizes (set it from the grouped
+    draw: ``group.n = n``, no host copy). The tables are built here once; build a new group
+    when a weight or support buffer is replaced. Per-step tensors (gradients, state) are
+    passed to each op and their pointer tables uploaded then (one async copy per table).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], supports: Sequence[torch.Tensor],
+                 keeps: Sequence[float], n: torch.Tensor | None = None):
+        from ._common import launch
+        from ._dispatch import check_flat
+
+        if not (len(params) == len(supports) == len(keeps)):
+            raise ValueError(f"one support and keep per tensor: {len(params)} params, "
+                             f"{len(supports)} supports, {len(keeps)} keeps")
+        if not params:
+            raise ValueError("a TensorGroup needs at least one tensor")
+        self.params, self.supports = list(params), list(supports)
+        for name, ts in (("params", self.params), ("supports", self.supports)):
+            for t in ts:
+                check_flat(name, t)
+            dtypes = {t.dtype for t in ts}
+            if len(dtypes) != 1:
+                raise ValueError(f"{name} of one group must share a dtype, got {sorted(map(str, dtypes))}")
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.index_dtype = self.supports[0].dtype
+        self.keeps = [float(k) for k in keeps]
+        self.capacities = [s.numel() for s in self.supports]
+        self.blocks = SlotBlocks(self.capacities, launch("gather")[0], self.device)
+        self.param_ptr = pointers(self.params, self.device)
+        self.support_ptr = pointers(self.supports, self.device)
+        self.keep = upload(self.keeps, torch.float32, self.device)
+        self.n = n
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def sizes(self) -> list[int]:
+        """The support sizes on the host (a sync: for the PyTorch reference path)."""
+        from ._dispatch import note
+
+        if self.n is None:
+            raise ValueError("group.n (the support sizes) is not set")
+        note("sync", "group_sizes")
+        return [int(x) for x in self.n.tolist()]
+
+    def table(self, tensors: Sequence[torch.Tensor | None], name: str, numel=None, dtype=None) -> torch.Tensor:
+        """Pointer table of one per-tensor argument, checked: flat, one dtype (``dtype`` if
+        given: the kernel reads every entry as that type), ``numel(t)`` elements at least."""
+        from ._dispatch import check_flat
+
+        if len(tensors) != len(self):
+            raise ValueError(f"{name}: {len(tensors)} tensors for a group of {len(self)}")
+        for t, x in enumerate(tensors):
+            if x is None:
+                continue
+            check_flat(name, x)
+            if x.device != self.device:
+                raise ValueError(f"{name}[{t}] is on {x.device}, the group on {self.device}")
+            if dtype is not None and x.dtype != dtype:
+                raise ValueError(f"{name}[{t}] is {x.dtype}, expected {dtype}")
+            if numel is not None and x.numel() < numel(t):
+                raise ValueError(f"{name}[{t}] has {x.numel()} elements, needs {numel(t)}")
+        return pointers(tensors, self.device)

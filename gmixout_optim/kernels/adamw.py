@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype
-from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, tl, triton, use_triton
+from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype, tl_type
+from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, note, tl, triton, use_triton
+from ._table import TensorGroup, upload
 from .gather import check_flag
 
 
@@ -159,6 +160,52 @@ if HAS_TRITON:
                     HAS_ANCHOR, DECOUPLED, HAS_WD, LERP_SMALL, COMPACT, CDT)
 
 
+    @triton.jit
+    def _adamw_grouped_kernel(blk_tensor, blk_start, params, grads, supports, residuals, exp_avgs, exp_avg_sqs,
+                              anchors, ns, keeps, steps, lrs, hp64, found_inf,
+                              wd, lerp_w, beta2, one_minus_beta2, eps,
+                              HAS_ANCHOR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr,
+                              LERP_SMALL: tl.constexpr, COMPACT: tl.constexpr, HONOUR_INF: tl.constexpr,
+                              LR_PER_TENSOR: tl.constexpr, WDT: tl.constexpr, GDT: tl.constexpr,
+                              SDT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        t = tl.load(blk_tensor + b)
+        i = tl.load(blk_start + b) + tl.arange(0, BLOCK)
+        n = tl.load(ns + t)
+        if HONOUR_INF:
+            n = tl.where(tl.load(found_inf) != 0, 0, n)
+        # The step- and lr-dependent scalars, from device values (so a step needs no host
+        # value): in fp64 from the fp64 hyperparameters, rounded once to fp32, as the host
+        # computes them for the per-tensor kernel in Python floats.
+        step = tl.load(steps + t).to(tl.float64)
+        if LR_PER_TENSOR:
+            lr = tl.load(lrs + t).to(tl.float64)
+        else:
+            lr = tl.load(lrs).to(tl.float64)
+        beta1_64 = tl.load(hp64)
+        beta2_64 = tl.load(hp64 + 1)
+        wd64 = tl.load(hp64 + 2)
+        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1_64))
+        bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2_64))).to(tl.float32)
+        neg_step = (-(lr / bc1)).to(tl.float32)
+        wd_factor = (1.0 - lr * wd64).to(tl.float32)
+        param = tl.load(params + t).to(tl.pointer_type(WDT))
+        if HAS_ANCHOR:
+            anchor = tl.load(anchors + t).to(tl.pointer_type(WDT))
+        else:
+            anchor = param
+        if COMPACT:
+            grad = tl.load(grads + t).to(tl.pointer_type(tl.float32))
+        else:
+            grad = tl.load(grads + t).to(tl.pointer_type(GDT))
+        adamw_block(param, grad, tl.load(supports + t).to(tl.pointer_type(SDT)),
+                    tl.load(residuals + t).to(tl.pointer_type(tl.float32)),
+                    tl.load(exp_avgs + t).to(tl.pointer_type(tl.float32)),
+                    tl.load(exp_avg_sqs + t).to(tl.pointer_type(tl.float32)), anchor, i, i < n,
+                    tl.load(keeps + t), wd, wd_factor, lerp_w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step,
+                    HAS_ANCHOR, DECOUPLED, HAS_WD, LERP_SMALL, COMPACT, CDT)
+
+
 def adamw_scalars(*, step, lr, beta1, beta2, eps, weight_decay, keep):
     """The kernel's fp32 scalars, in its argument order (shared with the grouped launcher)."""
     return (float(keep), float(weight_decay), float(1 - lr * weight_decay), float(1 - beta1), float(beta2),
@@ -176,6 +223,7 @@ def fused_adamw_step_triton(param_flat, grad_flat, support, n, residual, exp_avg
     src = anchor if anchor is not None else param_flat
     lerp_w = 1 - beta1
     block, warps = launch("adamw")
+    note("launch", "adamw")
     _adamw_kernel[grid(n, block)](
         param_flat, grad_flat if compact_grad is None else compact_grad, support, residual, exp_avg,
         exp_avg_sq, src, n, residual if found_inf is None else found_inf,
@@ -193,3 +241,86 @@ def fused_adamw_step(param_flat, grad_flat, support, n, residual, exp_avg, exp_a
     impl(param_flat, grad_flat, support, n, residual, exp_avg, exp_avg_sq, anchor, step=step, lr=lr,
          beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, keep=keep,
          compact_grad=compact_grad, found_inf=found_inf)
+
+
+def _grouped_check(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps, compact_grads, found_inf):
+    check_flag(found_inf)
+    if steps.dtype != torch.float32 or steps.numel() != len(group):
+        raise ValueError(f"steps must be fp32 with one count per tensor ({len(group)}), got {steps.dtype} "
+                         f"of {steps.numel()}")
+    if any(a is None for a in anchors) != all(a is None for a in anchors):
+        raise ValueError("anchors must be given for every tensor of a group or for none")
+
+
+def fused_adamw_step_grouped_torch(group: TensorGroup, grads, residuals, exp_avgs, exp_avg_sqs, anchors, *,
+                                   steps, lr, beta1, beta2, eps, weight_decay, decoupled,
+                                   compact_grads=None, found_inf=None):
+    """Reference of the grouped step: ``steps += 1 - found_inf``, then
+    :func:`fused_adamw_step_torch` per tensor."""
+    _grouped_check(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps, compact_grads, found_inf)
+    steps.add_(1)
+    if found_inf is not None:
+        steps.sub_(found_inf)
+    lrs = lr.flatten().tolist() if torch.is_tensor(lr) else [lr]
+    for t, (n, step) in enumerate(zip(group.sizes(), steps.tolist())):
+        fused_adamw_step_torch(group.params[t], None if grads is None else grads[t], group.supports[t], n,
+                               residuals[t], exp_avgs[t], exp_avg_sqs[t], anchors[t], step=max(step, 1),
+                               lr=lrs[t if len(lrs) > 1 else 0], beta1=beta1, beta2=beta2, eps=eps,
+                               weight_decay=weight_decay, decoupled=decoupled, keep=group.keeps[t],
+                               compact_grad=None if compact_grads is None else compact_grads[t],
+                               found_inf=found_inf)
+
+
+def fused_adamw_step_grouped_triton(group: TensorGroup, grads, residuals, exp_avgs, exp_avg_sqs, anchors, *,
+                                    steps, lr, beta1, beta2, eps, weight_decay, decoupled,
+                                    compact_grads=None, found_inf=None):
+    """One launch for every tensor of ``group``; step counts, lr and sizes read on the device."""
+    _grouped_check(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps, compact_grads, found_inf)
+    caps = lambda t: group.capacities[t]  # noqa: E731
+    state = [group.table(x, name, caps, torch.float32)
+             for x, name in ((residuals, "residuals"), (exp_avgs, "exp_avgs"), (exp_avg_sqs, "exp_avg_sqs"))]
+    if compact_grads is not None:
+        grad_tab, gdt = group.table(compact_grads, "compact_grads", caps, torch.float32), torch.float32
+    else:
+        grad_tab, gdt = group.table(grads, "grads", lambda t: group.params[t].numel(), grads[0].dtype), grads[0].dtype
+    has_anchor = anchors[0] is not None
+    anchor_tab = group.table(anchors, "anchors", caps, group.dtype) if has_anchor else group.param_ptr
+    # torch's fused AdamW: the count advances, then steps back where the step was skipped
+    steps.add_(1)
+    note("launch", "adamw")
+    if found_inf is not None:
+        steps.sub_(found_inf)
+        note("launch", "adamw")
+    if not torch.is_tensor(lr):
+        lr = upload([lr], torch.float64, group.device)
+    hp64 = upload([beta1, beta2, weight_decay], torch.float64, group.device)
+    lerp_w = 1 - beta1
+    if group.blocks.num_blocks:
+        note("launch", "adamw")
+        _adamw_grouped_kernel[(group.blocks.num_blocks,)](
+            group.blocks.tensor, group.blocks.start, group.param_ptr, grad_tab, group.support_ptr, *state,
+            anchor_tab, group.n, group.keep, steps, lr, hp64, steps if found_inf is None else found_inf,
+            float(weight_decay), float(lerp_w), float(beta2), float(1 - beta2), float(eps),
+            HAS_ANCHOR=has_anchor, DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0,
+            LERP_SMALL=abs(lerp_w) < 0.5, COMPACT=compact_grads is not None, HONOUR_INF=found_inf is not None,
+            LR_PER_TENSOR=lr.numel() > 1, WDT=tl_type(group.dtype), GDT=tl_type(gdt),
+            SDT=tl_type(group.index_dtype), CDT=tl_dtype(compute_dtype(group.dtype)),
+            BLOCK=group.blocks.block, num_warps=launch("adamw_grouped")[1])
+
+
+def fused_adamw_step_grouped(group: TensorGroup, grads, residuals, exp_avgs, exp_avg_sqs, anchors, *,
+                             steps, lr, beta1, beta2, eps, weight_decay, decoupled,
+                             compact_grads=None, found_inf=None):
+    """The fused step for every tensor of ``group`` in one launch, without a host sync.
+
+    Per tensor ``t`` as :func:`fused_adamw_step` with ``keep = group.keeps[t]`` and
+    ``n = group.n[t]``. ``steps``: fp32 device tensor, one count per tensor (before this step:
+    it is incremented here, and not where ``found_inf`` is set, as in torch's fused AdamW);
+    ``lr``: a float, or a device tensor of one value or one per tensor (a schedule can then
+    change it without a host value: CUDA-graph friendly). ``grads``/``compact_grads``: one per
+    tensor (``grads`` may be None when ``compact_grads`` is given); ``anchors``: all None
+    (fp32 weights) or one buffer per tensor.
+    """
+    impl = fused_adamw_step_grouped_triton if use_triton(group.device) else fused_adamw_step_grouped_torch
+    impl(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps=steps, lr=lr, beta1=beta1, beta2=beta2,
+         eps=eps, weight_decay=weight_decay, decoupled=decoupled, compact_grads=compact_grads, found_inf=found_inf)

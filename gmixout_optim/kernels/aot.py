@@ -84,6 +84,33 @@ def specs() -> list[Spec]:
                          found_inf="*fp32"),
                     {"HAS_ANCHOR": anchored, "DECOUPLED": decoupled, "HAS_WD": True, "LERP_SMALL": True,
                      "COMPACT": compact, "HONOUR_INF": compact, "CDT": f32}, "adamw")
+    # grouped kernels: pointer tables (int64) and per-tensor tables; dtypes are constexprs
+    grp = dict(blk_tensor="*i32", blk_start="*i64")
+    tdt = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    for wd in ("fp32", "bf16", "fp16"):
+        anchored = wd != "fp32"
+        dts = dict(WDT=tdt[wd], SDT=tl.int32, CDT=f32)
+        for check in (False, True):
+            add("gather", "_gather_grouped_kernel", f"w={wd} check={check}",
+                dict(grp, grads="*i64", supports="*i64", outs="*i64", ns="*i64", caps="*i64", keeps="*fp32",
+                     found_inf="*fp32"), {"GDT": tdt[wd], "SDT": tl.int32, "CHECK": check}, "gather")
+        add("write", "_anchor_grouped_kernel", f"w={wd}",
+            dict(grp, params="*i64", supports="*i64", residuals="*i64", outs="*i64", ns="*i64", keeps="*fp32"),
+            dts, "anchor")
+        add("write", "_write_grouped_kernel", f"w={wd}",
+            dict(grp, params="*i64", supports="*i64", anchors="*i64", residuals="*i64", ns="*i64", keeps="*fp32"),
+            dict(dts, ADT=tdt[wd]), "write")
+        add("merge", "_merge_grouped_kernel", f"w={wd}",
+            dict(grp, params="*i64", supports="*i64", residuals="*i64", anchors="*i64", ns="*i64", keeps="*fp32",
+                 coeffs="*fp32"), dict(dts, HAS_ANCHOR=anchored), "merge")
+        for decoupled, compact in ((True, False), (False, False), (True, True)):
+            add("adamw", "_adamw_grouped_kernel", f"w={wd} decoupled={decoupled} compact={compact}",
+                dict(grp, params="*i64", grads="*i64", supports="*i64", residuals="*i64", exp_avgs="*i64",
+                     exp_avg_sqs="*i64", anchors="*i64", ns="*i64", keeps="*fp32", steps="*fp32", lrs="*fp64",
+                     hp64="*fp64", found_inf="*fp32", wd="fp32", lerp_w="fp32", beta2="fp32",
+                     one_minus_beta2="fp32", eps="fp32"),
+                dict(dts, HAS_ANCHOR=anchored, DECOUPLED=decoupled, HAS_WD=True, LERP_SMALL=True, COMPACT=compact,
+                     HONOUR_INF=compact, LR_PER_TENSOR=False, GDT=tdt[wd]), "adamw_grouped")
     tab = dict(q0s="*i64", g_los="*i64", g_his="*i64", segs="*i32", tensors="*i32", seeds="*i64", keeps="*fp32")
     add("support", "_count_kernel", "", dict(tab, counts="*i64"), {}, "support")
     for idx in ("i32", "i64"):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import grid, launch
-from ._dispatch import HAS_TRITON, check_flat, check_n, tl, triton, use_triton
+from ._common import grid, launch, tl_type
+from ._dispatch import HAS_TRITON, check_flat, check_n, note, tl, triton, use_triton
+from ._table import TensorGroup
 
 
 def check_flag(found_inf) -> None:
@@ -78,11 +79,54 @@ if HAS_TRITON:
         gather_block(grad, support, out, i, n, capacity, keep, found_inf, CHECK)
 
 
+    @triton.jit
+    def _gather_grouped_kernel(blk_tensor, blk_start, grads, supports, outs, ns, caps, keeps, found_inf,
+                               GDT: tl.constexpr, SDT: tl.constexpr, CHECK: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        t = tl.load(blk_tensor + b)
+        i = tl.load(blk_start + b) + tl.arange(0, BLOCK)
+        gather_block(tl.load(grads + t).to(tl.pointer_type(GDT)), tl.load(supports + t).to(tl.pointer_type(SDT)),
+                     tl.load(outs + t).to(tl.pointer_type(tl.float32)), i, tl.load(ns + t), tl.load(caps + t),
+                     tl.load(keeps + t), found_inf, CHECK)
+
+
+def gather_grad_grouped_torch(group: TensorGroup, grads, outs, found_inf=None):
+    """Reference of the grouped gather: :func:`gather_grad_torch` per tensor."""
+    check_flag(found_inf)
+    for t, n in enumerate(group.sizes()):
+        gather_grad_torch(grads[t], group.supports[t], n, group.keeps[t], outs[t], found_inf)
+    return outs
+
+
+def gather_grad_grouped_triton(group: TensorGroup, grads, outs, found_inf=None):
+    """One launch for every tensor of ``group`` (see :class:`~._table.TensorGroup`)."""
+    check_flag(found_inf)
+    grad_tab = group.table(grads, "grads", lambda t: group.params[t].numel(), grads[0].dtype)
+    out_tab = group.table(outs, "outs", lambda t: group.capacities[t], torch.float32)
+    if group.blocks.num_blocks:
+        note("launch", "gather")
+        _gather_grouped_kernel[(group.blocks.num_blocks,)](
+            group.blocks.tensor, group.blocks.start, grad_tab, group.support_ptr, out_tab, group.n,
+            group.blocks.capacity, group.keep, outs[0] if found_inf is None else found_inf,
+            GDT=tl_type(grads[0].dtype), SDT=tl_type(group.index_dtype), CHECK=found_inf is not None,
+            BLOCK=group.blocks.block, num_warps=launch("gather")[1])
+    return outs
+
+
+def gather_grad_grouped(group: TensorGroup, grads, outs, found_inf=None):
+    """``outs[t][:n_t] = grads[t][S_t] / keep_t`` (zeros up to the capacity) for every tensor
+    of ``group`` in one launch, sizes read on the device; ``found_inf`` as in :func:`gather_grad`."""
+    if use_triton(group.device):
+        return gather_grad_grouped_triton(group, grads, outs, found_inf)
+    return gather_grad_grouped_torch(group, grads, outs, found_inf)
+
+
 def gather_grad_triton(grad_flat, support, n, keep, out, found_inf=None):
     """Triton kernel: one pass over the support's capacity."""
     n = _check(grad_flat, support, n, out, found_inf)
     if out.numel():
         block, warps = launch("gather")
+        note("launch", "gather")
         _gather_kernel[grid(out.numel(), block)](grad_flat, support, out, n, out.numel(), float(keep),
                                                  out if found_inf is None else found_inf,
                                                  CHECK=found_inf is not None, BLOCK=block, num_warps=warps)
