@@ -165,3 +165,40 @@ def test_group_checks_its_tables():
     with pytest.raises(ValueError, match="share a dtype"):
         TensorGroup([torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(1, dtype=torch.int32)] * 2,
                     [0.5, 0.5])
+
+
+def test_a_grouped_step_launches_once_per_op_and_never_waits():
+    # The budget a later optimizer-level test holds the step to on CUDA (see docs/kernels.md):
+    # the checked gather, the fused step (kernel + the step-count increment, and its undo where
+    # found_inf is set, as torch's fused AdamW) and nothing read back. The draw and the remap of
+    # a redraw likewise. Counted by the dispatch layer, so this runs in the interpreter too.
+    group, _, gen = _group(torch.bfloat16, seed=4)
+    state, anchors = _state(group, torch.bfloat16)
+    grads = _grads(group, gen, torch.bfloat16)
+    compact = [torch.empty(c, device=DEVICE) for c in group.capacities]
+    flag = torch.zeros(1, device=DEVICE)
+    steps = torch.zeros(len(group), device=DEVICE)
+    with record() as events:
+        gather.gather_grad_grouped_triton(group, grads, compact, flag)
+        adamw.fused_adamw_step_grouped_triton(group, None, *state, anchors, steps=steps, lr=1e-3, beta1=0.9,
+                                              beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                                              compact_grads=compact, found_inf=flag)
+    launches = {op: c for (kind, op), c in events.items() if kind == "launch"}
+    assert launches == {"gather": 1, "adamw": 3}
+    assert not [k for k in events if k[0] == "sync"]
+    # the PyTorch reference path, by contrast, reads the sizes back (and says so)
+    with record() as events:
+        gather.gather_grad_grouped_torch(group, grads, compact, flag)
+    assert events[("sync", "group_sizes")] == 1
+
+
+def test_record_counts_only_inside_its_block():
+    group, _, gen = _group(torch.float32)
+    grads = _grads(group, gen, torch.float32)
+    outs = [torch.empty(c, device=DEVICE) for c in group.capacities]
+    with record() as outer:
+        with record() as inner:
+            gather.gather_grad_grouped_triton(group, grads, outs)
+        gather.gather_grad_triton(grads[2], group.supports[2], int(group.n[2]), KEEPS[2], outs[2])
+    gather.gather_grad_grouped_triton(group, grads, outs)
+    assert inner[("launch", "gather")] == 1 and outer[("launch", "gather")] == 2

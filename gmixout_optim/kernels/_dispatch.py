@@ -120,4 +120,5 @@ def record():
     try:
         yield rec
     finally:
-        _recorders.remove(rec)
+        # by identity: list.remove compares Counters by value, and nested ones can be equal
+        del _recorders[next(i for i, r in enumerate(_recorders) if r is rec)]

@@ -60,6 +60,7 @@ class RemapPlan:
 def remap_state_grouped_torch(plan: RemapPlan, old_flat, old_n, new_flat, new_n, src, dst):
     """Reference of the grouped remap: :func:`remap_state_torch` per tensor. ``src[k][t]`` and
     ``dst[k][t]`` are state ``k`` of tensor ``t`` (fp32, ``capacity_t`` long)."""
+    note("sync", "remap_state")
     old_n, new_n = old_n.tolist(), new_n.tolist()
     for t, (a, b) in enumerate(zip(plan.offsets, plan.offsets[1:])):
         remap_state_torch(old_flat[a:b], old_n[t], new_flat[a:b], new_n[t], [s[t] for s in src],
