@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # the machine shares and invalidates. Exported to every recipe that may start DeepSpeed.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo compare test bench clean
+.PHONY: venv demo compare test bench gpu-check clean
 
 $(STAMP): setup.py requirements-pinned.txt
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,16 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/kernels.py
+
+# On a GPU machine, under 8 minutes: the kernel tests on CUDA (the ahead-of-time compile test
+# included), then the benchmarks, writing benchmarks/results/*_<gpu>.json. GPU_PY: a Python
+# with this package, torch and triton (the machine's own, when .venv was not carried there).
+GPU_PY ?= $(BIN)/python
+gpu-check:
+	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
+	OMP_NUM_THREADS=4 timeout 200 $(GPU_PY) -m pytest -q tests/test_kernels_*.py
+	timeout 200 $(GPU_PY) benchmarks/kernels.py --out benchmarks/results
+	if [ -f benchmarks/memory.py ]; then timeout 60 $(GPU_PY) benchmarks/memory.py --out benchmarks/results; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
