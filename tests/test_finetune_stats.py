@@ -79,6 +79,15 @@ def test_reference_check_passes_only_when_its_ood_id_ratio_is_above_full_ft():
     assert R.reference_sentence(None).startswith("No reference row")
 
 
+def test_a_chance_level_zero_shot_head_is_not_the_reference():
+    result, _ = _experiment(0.8, [0.6, 0.4])
+    # zero-shot at chance: OOD/ID near 1 would "pass" trivially; the linear probe (higher ID) is the reference
+    result["runs"] += [_rec("zero_shot", s, 0.1, [0.1, 0.1]) for s in range(5)]
+    check = R.reference_check(R.summarize(result))
+    assert check["reference"] == "linear_probe" and check["other_references"] == {"zero_shot": pytest.approx((10.0, 10.0))}
+    assert "zero_shot: ID 10.0" in R.reference_sentence(check)
+
+
 def test_write_report_puts_the_reference_first_and_draws_both_panels(tmp_path):
     result, _ = _experiment(0.9, [0.2, 0.1])
     R.write_report(result, str(tmp_path))
