@@ -98,6 +98,30 @@ def test_lp_ft_probes_without_touching_the_training_batch_order(tmp_path):
     assert m.extra["lp_val"] == 0.5 and "lp_train_acc" in m.extra
 
 
+def test_probe_picks_its_c_on_id_val():
+    from gmixout_optim.finetune.models import build_model
+
+    model, info = build_model("tiny_cnn", 10, head_seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, 32, 32, generator=gen), torch.arange(40) % 10
+    # a made-up ID-val score: the head fitted with the second C tried scores best
+    norms = {}
+
+    def val(mod):
+        n = mod.classifier.weight.norm().item()
+        norms[n] = len(norms)
+        return 1.0 if len(norms) == 2 else 0.0  # the second C tried scores best
+
+    m = ME.make_method("linear_probe", {"lp_c": [1e-4, 1.0, 100.0]}, seed=0, head_names=info.head_names)
+    m.prepare(model, _Tools(val, TensorBatches(x, y, 8, seed=0), 2))
+    assert m.extra["lp_c"] == 1.0 and m.extra["lp_val"] == 1.0
+    assert set(m.extra["lp_val_by_c"]) == {"0.0001", "1.0", "100.0"}
+    assert model.classifier.weight.norm().item() == pytest.approx(list(norms)[1])  # the chosen head is kept
+    with pytest.raises(ValueError, match="lp_c must be > 0"):
+        ME.make_method("linear_probe", {"lp_c": [1.0, -1.0]}, head_names=info.head_names).prepare(
+            model, _Tools(val, TensorBatches(x, y, 8, seed=0), 2))
+
+
 def test_no_step_methods_train_nothing_and_zero_shot_needs_a_mapped_head(tmp_path):
     rec = train_run(TINY, "linear_probe", {}, 0, str(tmp_path / "lp"), progress=False)
     assert rec["steps"] == 0 and rec["state_bytes"] == 0 and rec["extra"]["lp_iterations"] > 0

@@ -348,16 +348,20 @@ def head_features(model: nn.Module, head_name: str, x: torch.Tensor, batch_size:
     return torch.cat(got)
 
 
-def fit_linear_probe(model: nn.Module, head_name: str, x: torch.Tensor, y: torch.Tensor, c: float) -> dict:
-    """Fit the head (an ``nn.Linear``) by L2-regularised multinomial logistic regression on frozen features."""
+def fit_linear_probe(model: nn.Module, head_name: str, x: torch.Tensor, y: torch.Tensor, c: float,
+                     feats=None) -> dict:
+    """Fit the head (an ``nn.Linear``) by L2-regularised multinomial logistic regression on frozen features.
+
+    ``feats``: the head's inputs for ``x`` if already computed (``head_features``).
+    """
     from sklearn.linear_model import LogisticRegression
 
     head = model.get_submodule(head_name)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"linear probe: head {head_name!r} is a {type(head).__name__}, not nn.Linear")
-    if not c > 0:
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
         raise ValueError(f"lp_c must be > 0 (inverse L2 strength), got {c!r}")
-    feats = head_features(model, head_name, x).double().numpy()
+    feats = (head_features(model, head_name, x) if feats is None else feats).double().numpy()
     labels = y.numpy()
     if len(set(labels.tolist())) != head.out_features:
         raise ValueError(f"linear probe: the training split has {len(set(labels.tolist()))} classes, "
@@ -384,8 +388,21 @@ def _probe(method: Method, model: nn.Module, tools) -> None:
     # statistics the probe was fitted under are the ones deployed.
     fresh = TensorBatches(b.x, b.y, b.batch_size, method.seed, b.augment)
     type(tools)(tools.val_accuracy, fresh, tools.bn_batches).recalibrate_bn(model)
-    method.extra.update(fit_linear_probe(model, method.head_names[0], b.x, b.y, method.hp["lp_c"]))
-    method.extra["lp_val"] = tools.val_accuracy(model)
+    cs = method.hp["lp_c"] if isinstance(method.hp["lp_c"], (list, tuple)) else [method.hp["lp_c"]]
+    if not cs:
+        raise ValueError(f"method {method.name!r}: lp_c must be a number or a non-empty list of numbers")
+    feats = head_features(model, method.head_names[0], b.x)  # once for every C
+    head = model.get_submodule(method.head_names[0])
+    best = None
+    for c in cs:  # several C: the one with the best ID-val accuracy (ties: the first), like WiSE's alpha
+        info = fit_linear_probe(model, method.head_names[0], b.x, b.y, c, feats=feats)
+        val = tools.val_accuracy(model)
+        method.extra.setdefault("lp_val_by_c", {})[str(c)] = val
+        if best is None or val > best[0]:
+            best = (val, c, info, copy.deepcopy(head.state_dict()))
+    val, c, info, state = best
+    head.load_state_dict(state)
+    method.extra.update(info, lp_val=val, lp_c=c)
 
 
 class LinearProbeMethod(_NoSteps):
