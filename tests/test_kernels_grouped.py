@@ -202,3 +202,14 @@ def test_record_counts_only_inside_its_block():
         gather.gather_grad_triton(grads[2], group.supports[2], int(group.n[2]), KEEPS[2], outs[2])
     gather.gather_grad_grouped_triton(group, grads, outs)
     assert inner[("launch", "gather")] == 1 and outer[("launch", "gather")] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_read_anchor(dtype):
+    group, _, _ = _group(dtype, seed=5)
+    anchors = [poison(torch.empty(c, dtype=dtype, device=DEVICE)) for c in group.capacities]
+    write.read_anchor_grouped_triton(group, anchors)
+    for t, n in enumerate(group.n.tolist()):
+        expected = torch.zeros(group.capacities[t], dtype=dtype, device=DEVICE)
+        expected[:n] = group.params[t][group.supports[t][:n].long()]
+        assert_close(anchors[t], expected, "exact", f"anchor {t}")

@@ -45,3 +45,24 @@ def test_grouped_remap_equals_per_tensor_rule(impl):
     assert torch.equal(dst[0][t][:len(new)].cpu(), torch.tensor(carried))
     assert 0 < sum(e in where for e in new) < len(new)
     assert bool((dst[0][t][len(new):] == 0).all())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_remap_after_an_overflowed_draw(impl):
+    # capacities below the drawn sizes: both supports hold their first `capacity` elements and
+    # report the true n > capacity; the remap must stay inside each tensor's slots
+    numels, keeps = [40001, 3000], [0.5, 0.5]
+    caps = [15000, 1000]
+    plan, old_flat, old_n = _supports(numels, keeps, caps, 0)
+    _, new_flat, new_n = _supports(numels, keeps, caps, 1)
+    assert bool((old_n > torch.tensor(caps, device=DEVICE)).all())
+    src = [[torch.randn(c).to(DEVICE) for c in caps]]
+    expected = [[v.clone() for v in src[0]]]
+    for t, (a, b) in enumerate(zip(plan.offsets, plan.offsets[1:])):
+        remap.remap_state_torch(old_flat[a:b], min(old_n[t], caps[t]), new_flat[a:b], min(new_n[t], caps[t]),
+                                expected[0][t:t + 1])
+    dst = [[poison(torch.empty(c, device=DEVICE)) for c in caps]]
+    getattr(remap, f"remap_state_grouped_{impl}")(remap.RemapPlan(caps, DEVICE), old_flat, old_n, new_flat, new_n,
+                                                  src, dst)
+    for t in range(2):
+        assert_close(dst[0][t], expected[0][t], "exact", f"tensor {t}")

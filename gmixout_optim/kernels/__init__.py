@@ -12,12 +12,12 @@ from .merge import merge_episode, merge_episode_grouped
 from .philox import philox_seed, philox_uniform
 from .remap import RemapPlan, remap_state_grouped
 from .support import Segment, SupportPlan, draw_support, draw_support_grouped, support_capacity
-from .write import support_anchor, support_anchor_grouped, write_weights, write_weights_grouped
+from .write import read_anchor_grouped, support_anchor, support_anchor_grouped, write_weights, write_weights_grouped
 
 __all__ = [
     "HAS_TRITON", "RemapPlan", "Segment", "SupportPlan", "TensorGroup", "draw_support", "draw_support_grouped",
     "fused_adamw_step", "fused_adamw_step_grouped", "gather_grad", "gather_grad_grouped", "get_backend",
-    "merge_episode", "merge_episode_grouped", "philox_seed", "philox_uniform", "record", "remap_state_grouped",
+    "merge_episode", "merge_episode_grouped", "philox_seed", "philox_uniform", "read_anchor_grouped", "record", "remap_state_grouped",
     "set_backend", "support_anchor", "support_anchor_grouped", "support_capacity", "write_weights",
     "write_weights_grouped",
 ]

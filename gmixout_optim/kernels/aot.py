@@ -100,6 +100,9 @@ def specs() -> list[Spec]:
         add("write", "_write_grouped_kernel", f"w={wd}",
             dict(grp, params="*i64", supports="*i64", anchors="*i64", residuals="*i64", ns="*i64", keeps="*fp32"),
             dict(dts, ADT=tdt[wd]), "write")
+        add("write", "_read_anchor_grouped_kernel", f"w={wd}",
+            dict(grp, params="*i64", supports="*i64", anchors="*i64", ns="*i64", caps="*i64"),
+            {"WDT": tdt[wd], "SDT": tl.int32}, "write")
         add("merge", "_merge_grouped_kernel", f"w={wd}",
             dict(grp, params="*i64", supports="*i64", residuals="*i64", anchors="*i64", ns="*i64", keeps="*fp32",
                  coeffs="*fp32"), dict(dts, HAS_ANCHOR=anchored), "merge")
@@ -111,7 +114,7 @@ def specs() -> list[Spec]:
                      one_minus_beta2="fp32", eps="fp32"),
                 dict(dts, HAS_ANCHOR=anchored, DECOUPLED=decoupled, HAS_WD=True, LERP_SMALL=True, COMPACT=compact,
                      HONOUR_INF=compact, LR_PER_TENSOR=False, GDT=tdt[wd]), "adamw_grouped")
-    tab = dict(q0s="*i64", g_los="*i64", g_his="*i64", segs="*i32", tensors="*i32", seeds="*i64", keeps="*fp32")
+    tab = dict(q0s="*i64", g_los="*i64", g_his="*i64", segs="*i64", tensors="*i64", seeds="*i64", keeps="*fp32")
     add("support", "_count_kernel", "", dict(tab, counts="*i64"), {}, "support")
     for idx in ("i32", "i64"):
         add("support", "_write_kernel", f"S={idx}",

@@ -37,9 +37,15 @@ def _check(grad_flat, support, n, out, found_inf=None):
 
 
 def mark_nonfinite_(values: torch.Tensor, found_inf: torch.Tensor) -> None:
-    """``found_inf = max(found_inf, any(values is inf/nan))`` without a host sync (PyTorch path)."""
-    bad = (~torch.isfinite(values)).any().to(found_inf.dtype)
-    torch.maximum(found_inf.view(()), bad, out=found_inf.view(()))
+    """``found_inf = 1`` if ``values`` holds an inf/NaN, without a host sync (PyTorch path).
+
+    GradScaler's own check (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1:
+    ``x * 1`` is ``x`` bit for bit) is one vectorised pass; ``~isfinite(x).any()`` was ~80x
+    slower on one CPU core."""
+    if not values.numel():
+        return
+    torch._amp_foreach_non_finite_check_and_unscale_([values], found_inf,
+                                                     torch.ones(1, dtype=torch.float32, device=values.device))
 
 
 def gather_grad_torch(grad_flat, support, n, keep, out, found_inf=None):

@@ -27,7 +27,8 @@ def remap_state_torch(old_support, old_n, new_support, new_n, values: Sequence[t
                       out: Sequence[torch.Tensor] | None = None):
     """Reference for one tensor: ``out[k][:new_n] = values[k][pos]`` where found, else 0
     (``out`` defaults to ``values``, updated in place)."""
-    old_n, new_n = int(old_n), int(new_n)
+    # an overflowed draw reports n > capacity and stores the first capacity elements
+    old_n, new_n = min(int(old_n), old_support.numel()), min(int(new_n), new_support.numel())
     old = old_support[:old_n].long()
     new = new_support[:new_n].long()
     pos = torch.searchsorted(old, new).clamp_(max=max(old_n - 1, 0))
@@ -87,8 +88,9 @@ if HAS_TRITON:
         s0 = tl.load(blk_start + b)
         cap = tl.load(caps + t)
         off = tl.load(offs + t)
-        n_old = tl.load(old_ns + t)
-        n_new = tl.load(new_ns + t)
+        # an overflowed draw reports n > capacity and stores the first capacity elements
+        n_old = tl.minimum(tl.load(old_ns + t), cap)
+        n_new = tl.minimum(tl.load(new_ns + t), cap)
         old = old_flat + off
         i = s0 + tl.arange(0, BLOCK)
         valid = i < n_new

@@ -172,14 +172,18 @@ class SupportPlan:
                 seg_id += 1
         self.first_block.append(len(rows["q0"]))
         self.num_blocks = len(rows["q0"])
-        self.rows = {k: upload(v, torch.int32 if k in ("seg", "tensor") else torch.int64, self.device)
-                     for k, v in rows.items()}
+        # every int64 table in one upload (a per-tensor draw builds a plan each time), then views;
         # blocks [t_first[t], t_end[t]) belong to tensor t
-        self.t_first = upload(self.first_block[:-1], torch.int64, self.device)
-        self.t_end = upload(self.first_block[1:], torch.int64, self.device)
+        tables = dict(rows, t_first=self.first_block[:-1], t_end=self.first_block[1:], cap=self.capacities,
+                      out_off=self.offsets[:-1])
+        packed = upload([x for v in tables.values() for x in v], torch.int64, self.device)
+        views, pos = {}, 0
+        for k, v in tables.items():
+            views[k] = packed[pos:pos + len(v)]
+            pos += len(v)
+        self.rows = {k: views[k] for k in rows}
+        self.t_first, self.t_end, self.cap, self.out_off = (views[k] for k in ("t_first", "t_end", "cap", "out_off"))
         self.keep32 = upload(self.keeps, torch.float32, self.device)
-        self.cap = upload(self.capacities, torch.int64, self.device)
-        self.out_off = upload(self.offsets[:-1], torch.int64, self.device)
 
     def seeds(self, seed: int, episodes) -> list[int]:
         """The Philox key of each segment, in table order (``episodes``: one per tensor)."""

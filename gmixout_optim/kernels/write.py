@@ -75,6 +75,17 @@ if HAS_TRITON:
                      tl.load(outs + t).to(tl.pointer_type(CDT)), i, i < tl.load(ns + t), tl.load(keeps + t), CDT)
 
     @triton.jit
+    def _read_anchor_grouped_kernel(blk_tensor, blk_start, params, supports, anchors, ns, caps,
+                                    WDT: tl.constexpr, SDT: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        t = tl.load(blk_tensor + b)
+        i = tl.load(blk_start + b) + tl.arange(0, BLOCK)
+        m = i < tl.load(ns + t)
+        idx = tl.load(tl.load(supports + t).to(tl.pointer_type(SDT)) + i, mask=m, other=0)
+        w = tl.load(tl.load(params + t).to(tl.pointer_type(WDT)) + idx, mask=m, other=0.0)
+        tl.store(tl.load(anchors + t).to(tl.pointer_type(WDT)) + i, tl.where(m, w, 0.0), mask=i < tl.load(caps + t))
+
+    @triton.jit
     def _write_grouped_kernel(blk_tensor, blk_start, params, supports, anchors, residuals, ns, keeps,
                               WDT: tl.constexpr, ADT: tl.constexpr, SDT: tl.constexpr, CDT: tl.constexpr,
                               BLOCK: tl.constexpr):
@@ -178,3 +189,31 @@ def write_weights_grouped(group: TensorGroup, anchors, residuals):
     if use_triton(group.device):
         return write_weights_grouped_triton(group, anchors, residuals)
     return write_weights_grouped_torch(group, anchors, residuals)
+
+
+def read_anchor_grouped_torch(group: TensorGroup, anchors):
+    """Reference of :func:`read_anchor_grouped`."""
+    for t, n in enumerate(group.sizes()):
+        anchors[t].zero_()
+        anchors[t][:n] = group.params[t].index_select(0, group.supports[t][:n])
+    return anchors
+
+
+def read_anchor_grouped_triton(group: TensorGroup, anchors):
+    """``anchors[t][:n_t] = w_t[S_t]`` (weight dtype, exact), 0 up to the capacity, in one launch."""
+    anc_tab = group.table(anchors, "anchors", lambda t: group.capacities[t], group.dtype)
+    if group.blocks.num_blocks:
+        note("launch", "read_anchor")
+        _read_anchor_grouped_kernel[(group.blocks.num_blocks,)](
+            group.blocks.tensor, group.blocks.start, group.param_ptr, group.support_ptr, anc_tab, group.n,
+            group.blocks.capacity, WDT=tl_type(group.dtype), SDT=tl_type(group.index_dtype),
+            BLOCK=group.blocks.block, num_warps=launch("write")[1])
+    return anchors
+
+
+def read_anchor_grouped(group: TensorGroup, anchors):
+    """The stored anchor of 16-bit weights after a redraw: ``anchor[:n] = w[S]`` (``w`` equals the
+    anchor everywhere after the merge), for every tensor in one launch."""
+    if use_triton(group.device):
+        return read_anchor_grouped_triton(group, anchors)
+    return read_anchor_grouped_torch(group, anchors)
