@@ -50,7 +50,7 @@ gpu-check:
 	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
 	OMP_NUM_THREADS=4 timeout 200 $(GPU_PY) -m pytest -q tests/test_kernels_*.py
 	timeout 200 $(GPU_PY) benchmarks/kernels.py --out benchmarks/results
-	if [ -f benchmarks/memory.py ]; then timeout 60 $(GPU_PY) benchmarks/memory.py --out benchmarks/results; fi
+	if [ -f benchmarks/memory.py ]; then timeout 60 $(GPU_PY) benchmarks/memory.py --device cuda; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
