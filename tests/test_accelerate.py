@@ -18,13 +18,14 @@ import json
 import os
 import runpy
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "accelerate_finetune.py"
@@ -94,7 +95,7 @@ def test_accelerate_launch_matches_plain_optimizer(name, tmp_path, references):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_config(config, tmp_path)),
            "--main_process_port", str(_free_port()), str(script), *ARGS,
            "--save-at", "5", "--state-dir", str(tmp_path / "state"), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = launch.run(cmd, env=env, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}"
     summary = json.loads(Path(str(out) + ".json").read_text())
     assert summary["world"] == 2 and summary["distributed_type"].endswith(kind), summary

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "distributed"))
 
 import ds_common as C  # noqa: E402
+import launch  # noqa: E402
 from gmixout_optim.integrations import deepspeed as gds  # noqa: E402
 
 TOL = {False: 1e-6, True: 1e-6}  # keyed by "is bf16"; see the table above
@@ -71,7 +71,7 @@ def _launch(nproc: int, spec: dict, out: str) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(HERE, "distributed", "ds_worker.py"), spec_path, out]
     t0 = time.time()
-    proc = subprocess.run(cmd, env=_env(), cwd=out, capture_output=True, text=True, timeout=600)
+    proc = launch.run(cmd, env=_env(), cwd=out, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"DeepSpeed worker failed ({nproc} ranks):\n{_failure(proc)}")
     return time.time() - t0
@@ -84,8 +84,7 @@ def comm_op():
     The first build on a machine costs ~40 s on 2 cores and happens here, before the
     launches, so that the workers only load it; later sessions find it cached (~2 s).
     """
-    proc = subprocess.run([sys.executable, "-m", "gmixout_optim.integrations.deepspeed"], env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = launch.run([sys.executable, "-m", "gmixout_optim.integrations.deepspeed"], env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -330,7 +329,7 @@ def test_example_script_trains_and_saves_a_plain_model(comm_op, tmp_path):
            "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs), "--image-size", "32",
            "--steps", "3", "--optimizer-params", '{"lr": 1e-3, "resample_every": 2}',
            "--save-dir", str(tmp_path / "ckpt")]
-    proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = launch.run(cmd, env=_env(), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, _failure(proc)
     assert "step 2: loss" in proc.stdout
     state = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ckpt"), tag="final")

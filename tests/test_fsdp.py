@@ -7,9 +7,10 @@ every scenario and re-checks the measured differences.
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+import launch
 
 WORKER = Path(__file__).parent / "distributed" / "fsdp_worker.py"
 
@@ -36,7 +37,7 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: int = 240) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = launch.run(cmd, env=env, timeout=timeout)
     assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-12000:]}"
 
 

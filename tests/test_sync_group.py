@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import launch
 from gmixout_optim import GMixoutOptimizer
 
 WORLD = 2
@@ -48,7 +49,7 @@ def _worker(rank: int, init_file: str, sync: bool, results) -> None:
 def _run(tmp_path, sync: bool) -> dict:
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(str(tmp_path / f"init-{sync}"), sync, results), nprocs=WORLD, join=True)
+    launch.spawn(_worker, args=(str(tmp_path / f"init-{sync}"), sync, results), nprocs=WORLD, timeout=120)
     return dict(results)
 
 
@@ -101,6 +102,6 @@ def test_dtensor_without_locator_is_refused_until_attached(tmp_path):
     """A DTensor shard keyed as if it started at offset 0 would draw the wrong support on every
     rank but the first: the optimizer refuses it and names the call that fixes it."""
     results = mp.Manager().dict()
-    mp.spawn(_dtensor_worker, args=(str(tmp_path / "init-dtensor"), results), nprocs=1, join=True)
+    launch.spawn(_dtensor_worker, args=(str(tmp_path / "init-dtensor"), results), nprocs=1, timeout=120)
     assert results["error"] is not None and "fsdp.attach" in results["error"]
     assert results["changed_after_attach"]
