@@ -3,9 +3,12 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
-from gmixout_optim.finetune import cli
+import launch
+from gmixout_optim.finetune import cli, data
+from gmixout_optim.finetune import experiment as EX
 
 PRESET = os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "test_tiny.yaml")
 
@@ -100,5 +103,123 @@ def test_bn_recalibration_is_a_post_training_step(experiment, capsys):
     assert rec["bn_recalibrated"] and rec["val_before_bn"] == result["runs"][0]["val"]
     again = cli.train_main(argv + ["train.recalibrate_bn=true"])  # idempotent: reset + same seeded batches
     assert again == 0 and json.loads((out / "bn" / "results.json").read_text())["runs"][0]["val"] == rec["val"]
-    with pytest.raises(ValueError, match="re-estimated BatchNorm statistics but train.recalibrate_bn is off"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # found mid-run, still one line and exit code 2
         cli.train_main(argv)
+    assert info.value.code == 2
+    assert "re-estimated BatchNorm statistics but train.recalibrate_bn is off" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, run) -> tuple[int, str]:
+    """Run a command that must fail on its input: exit code and the single line it printed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return info.value.code, err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--config", "nope.yaml"], "config file 'nope.yaml' not found"),
+    (["--config", PRESET, "step=7"], "unknown config key 'step'"),
+    (["--config", PRESET, "methods=[sgd]"], "unknown method 'sgd'"),
+    (["--config", PRESET, "threads=0"], "threads=0: allowed: 'auto'"),
+    (["--config", PRESET, "test_sets=[corruption:rain:3]"], "unknown corruption 'rain'"),
+    (["--config", PRESET, "steps"], "must look like key=value"),
+])
+def test_config_errors_are_one_line_with_exit_code_2(capsys, argv, match):
+    code, err = _one_line_error(capsys, lambda: cli.train_main(argv))
+    assert code == 2 and match in err and err.startswith("gmixout-finetune: error: ")
+
+
+def test_invalid_yaml_says_where_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nseeds: [0, 1\n")
+    code, err = _one_line_error(capsys, lambda: cli.train_main(["--config", str(bad)]))
+    assert code == 2 and "is not valid YAML at line" in err
+
+
+def test_evaluate_with_a_missing_model_says_no_such_file(tmp_path, capsys):
+    missing = str(tmp_path / "nope" / "model.pt")
+    code, err = _one_line_error(capsys, lambda: cli.evaluate_main(["--model", missing, "--test-set", "test"]))
+    assert code == 2 and f"--model {missing!r}: no such file" in err
+
+
+def _die(*args):
+    os._exit(3)  # what an out-of-memory kill or a native crash looks like to the parent: no answer
+
+
+def _guarded(fn, timeout_s: float):
+    """``fn()`` in a thread; the test fails (instead of hanging) when it does not return in time."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(launch.scaled_timeout(timeout_s))
+    assert not t.is_alive(), f"still waiting after {timeout_s} s (scaled for load): the parent hangs on a dead child"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_a_child_that_dies_fails_with_its_exit_code():
+    with pytest.raises(EX.ChildFailed, match="exit code 3") as info:
+        _guarded(lambda: EX.run_in_child(os._exit, (3,), "dying"), 120)
+    assert info.value.exitcode == 3
+    with pytest.raises(EX.ChildFailed, match="exit code 1.*ValueError: invalid literal") as info:
+        _guarded(lambda: EX.run_in_child(int, ("x",), "raising"), 120)
+    assert info.value.exitcode == 1
+    assert _guarded(lambda: EX.run_in_child(int, ("42",), "fine"), 120) == 42
+
+
+def test_the_command_fails_with_the_dead_childs_exit_code(tmp_path, capsys, monkeypatch):
+    # The training child imports this module by name and runs _die instead of train_run.
+    monkeypatch.setattr(EX, "train_run", _die)
+    argv = ["--config", PRESET, f"output_dir={tmp_path}", f"work_dir={tmp_path / 'work'}", "isolate=true",
+            "methods=[full_ft]", "seeds=[0]"]
+    code, err = _one_line_error(capsys, lambda: _guarded(lambda: cli.train_main(argv), 300))
+    assert code == 3 and "training full_ft" in err and "exit code 3" in err
+
+
+def test_evaluate_caches_test_sets_keyed_by_set_size_and_seed(experiment, tmp_path):
+    out, _ = experiment
+    model = str(out / "work" / "runs" / "full_ft-default-s0" / "model.pt")
+    cache = tmp_path / "cache"
+    argv = ["--model", model, "--test-set", "corruption:glass_blur:3", "--threads", "1", "--cache-dir", str(cache),
+            "--test-limit", "10"]
+    assert cli.evaluate_main(argv) == 0
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 1 and files[0].startswith("corruption_glass_blur_3-")
+    first = np.load(cache / files[0])["x"]
+    assert cli.evaluate_main(argv) == 0 and sorted(p.name for p in cache.iterdir()) == files  # reused
+    assert cli.evaluate_main(argv[:-1] + ["12"]) == 0  # another size: another file
+    assert len(list(cache.iterdir())) == 2
+    # the cached images are what a fresh build gives (seeded corruption): the cache changes no score
+    x, _ = data.load_test_set("corruption:glass_blur:3", seed=0, n_val=20, n_test=20, limit=10)
+    assert np.array_equal(first, x)
+    # by default the cache is the experiment's own (WORK_DIR/cache), filled by gmixout-finetune
+    assert cli._cache_dir(None, model) == str(out / "work" / "cache")
+
+
+def test_a_set_the_corruption_leaves_unchanged_is_warned_about_and_left_out_of_the_ood_mean(tmp_path):
+    from gmixout_optim.finetune import evaluate, report
+
+    cfg = {"seed": 0, "n_val": 20, "n_test": 20, "test_limit": 8}
+    with pytest.warns(UserWarning, match="'corruption:saturate:3'.*left out of the OOD mean"):
+        left = evaluate.unchanged_sets(["test", "digits", "corruption:saturate:3", "corruption:fog:3"], cfg,
+                                       str(tmp_path))
+    assert left == ["corruption:saturate:3"]
+    rec = {"method": "full_ft", "seed": 0, "val": 0.9, "train_wall_s": 1.0, "peak_mem_bytes": 0, "state_bytes": 0,
+           "trainable_params": 1, "test": {"test": 0.9, "corruption:saturate:3": 0.9, "corruption:fog:3": 0.3}}
+    row = report.summarize({"runs": [rec], "unchanged_sets": left})[0]
+    assert row["ood_sets"] == ["corruption:fog:3"] and row["mean_ood"][0] == pytest.approx(30.0)
+    assert report.summarize({"runs": [rec]})[0]["mean_ood"][0] == pytest.approx(60.0)

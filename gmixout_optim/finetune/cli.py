@@ -13,7 +13,9 @@ import json
 import os
 import sys
 
-from . import data as D
+# Nothing here imports torch or numpy at module level: --help and argument errors answer at
+# once (torch alone takes tens of seconds to import on a busy machine).
+from .options import CORRUPTIONS, ConfigError
 
 
 def parse_override(text: str) -> tuple[list, object]:
@@ -38,7 +40,12 @@ def load_config(path: str, overrides=(), literal=()) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} not found")
     with open(path) as f:
-        user = yaml.safe_load(f) or {}
+        try:
+            user = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:  # its own message spans lines; say where, in one
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config {path!r} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(user, dict):
         raise ValueError(f"config {path!r} must hold a mapping, got {type(user).__name__}")
     pairs = [parse_override(t) for t in overrides] + [(k.split("."), v) for k, v in literal]
@@ -53,12 +60,25 @@ def load_config(path: str, overrides=(), literal=()) -> dict:
     return merge_config(DEFAULT_CONFIG, user)
 
 
+def _fail(parser, message: str, code: int = 2):
+    """One line on stderr, then exit: a configuration error needs no traceback."""
+    parser.exit(code, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
 def _run_meta(model_path: str, parser) -> dict:
+    if not os.path.isfile(model_path):
+        _fail(parser, f"--model {model_path!r}: no such file")
     meta = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run.json")
     if not os.path.exists(meta):
-        parser.error(f"{model_path!r} has no run.json beside it (written by gmixout-finetune)")
+        _fail(parser, f"--model {model_path!r} has no run.json beside it (written by gmixout-finetune)")
     with open(meta) as f:
         return json.load(f)
+
+
+def _child_exit(parser, e) -> None:
+    """A training child that died: fail with its exit code (a signal N as 128 + N, as shells do)."""
+    code = e.exitcode if e.exitcode and e.exitcode > 0 else 128 + abs(e.exitcode or 1)
+    _fail(parser, str(e), code)
 
 
 def train_main(argv=None) -> int:
@@ -73,14 +93,23 @@ def train_main(argv=None) -> int:
     args = p.parse_args(argv)
     flags = [(k, v) for k, v in (("data.dataset", args.dataset), ("data.root", args.data_root),
                                  ("model", args.model), ("pretrained", args.pretrained)) if v is not None]
-    # Flag values are taken verbatim (no YAML parsing: a path stays a string).
-    cfg = load_config(args.config, args.overrides, flags)
-    from .experiment import run_experiment
+    try:
+        # Flag values are taken verbatim (no YAML parsing: a path stays a string).
+        cfg = load_config(args.config, args.overrides, flags)
+        from .experiment import ChildFailed, run_experiment, validate
 
+        cfg = validate(cfg)  # every value checked before the first (long) step
+    except (ValueError, FileNotFoundError) as e:
+        _fail(p, e)
     print(f"gmixout-finetune: {cfg['name']}: methods {cfg['methods']}, seeds {cfg['seeds']}, "
           f"{cfg['train']['steps']} steps of batch {cfg['train']['batch_size']} at {cfg['image_size']} px, "
-          f"output {cfg['output_dir']}", flush=True)
-    run_experiment(cfg)
+          f"{cfg['threads']} threads, output {cfg['output_dir']}", flush=True)
+    try:
+        run_experiment(cfg)
+    except ConfigError as e:  # found mid-run (e.g. a work_dir that does not fit the config)
+        _fail(p, e)
+    except ChildFailed as e:
+        _child_exit(p, e)
     print(f"report: {os.path.join(cfg['output_dir'], 'results.md')}")
     return 0
 
@@ -90,24 +119,31 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--model", required=True, help="model.pt written by gmixout-finetune (run.json beside it)")
     p.add_argument("--test-set", action="append", required=True, dest="test_sets",
                    help="test, val, digits or corruption:NAME:SEVERITY (repeatable); NAME one of: "
-                        + ", ".join(D.CORRUPTIONS))
+                        + ", ".join(CORRUPTIONS))
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N images of each set")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="auto",
+                   help="intra-op threads: an integer, or 'auto' (default) = the cores other work leaves free")
+    p.add_argument("--cache-dir", default=None,
+                   help="where built test sets are kept, keyed by (set, size, seed); default: the cache of the "
+                        "experiment the model belongs to (WORK_DIR/cache), else ~/.cache/gmixout_optim/test_sets; "
+                        "'' turns caching off")
     args = p.parse_args(argv)
-    import torch
+    meta_data = _run_meta(args.model, p).get("data", {})
+    from . import data as D
+    from .options import apply_threads, resolve_threads
 
+    folder = not D.is_embedded(meta_data)
+    try:
+        threads = resolve_threads(int(args.threads) if args.threads.isdigit() else args.threads)
+        if not folder:  # folder split names are checked by the loader, which lists the known ones
+            for name in args.test_sets:
+                D.parse_test_set(name)
+    except ValueError as e:
+        _fail(p, e)
     from .evaluate import evaluate_sets, load_saved_model, load_test_tensors
 
-    meta_data = _run_meta(args.model, p).get("data", {})
-    folder = meta_data.get("dataset", "mnist") != "mnist"
-    if not folder:  # folder split names are checked by the loader, which lists the known ones
-        for name in args.test_sets:
-            try:
-                D.parse_test_set(name)
-            except ValueError as e:
-                p.error(str(e))
-    torch.set_num_threads(args.threads)
+    apply_threads(threads)
     model, meta = load_saved_model(args.model)
     m = meta["model"]
     if folder:
@@ -117,7 +153,8 @@ def evaluate_main(argv=None) -> int:
         sizes = {}
     else:
         data_cfg = {**meta_data, "test_limit": args.test_limit}  # the run's own split seed
-        tensors = load_test_tensors(args.test_sets, data_cfg, m["image_size"], m["mean"], m["std"])
+        tensors = load_test_tensors(args.test_sets, data_cfg, m["image_size"], m["mean"], m["std"],
+                                    _cache_dir(args.cache_dir, args.model))
         scores = evaluate_sets(model, tensors)
         sizes = {k: len(v[1]) for k, v in tensors.items()}
     for name, acc in scores.items():
@@ -126,6 +163,19 @@ def evaluate_main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "scores": scores}, f, indent=1)
     return 0
+
+
+def _cache_dir(given: str | None, model_path: str) -> str | None:
+    """The test-set cache: ``--cache-dir``; else the one the fine-tune command filled for this model
+    (``WORK_DIR/runs/RUN/model.pt`` -> ``WORK_DIR/cache``); else a per-user cache."""
+    if given is not None:
+        return given or None
+    run_dir = os.path.dirname(os.path.abspath(model_path))
+    runs = os.path.dirname(run_dir)
+    if os.path.basename(runs) == "runs":
+        return os.path.join(os.path.dirname(runs), "cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gmixout_optim", "test_sets")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,13 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The 19 corruptions of imagecorruptions(-imaug), in its own order (checked against the package
-# in tests); listed here so a bad name is reported without importing the suite.
-CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
-)
+from .options import CORRUPTIONS  # the 19 names, importable without torch (the CLI's help lists them)
 # The OOD sets of the default experiment (issue 6).
 DEMO_CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur", "zoom_blur",
@@ -133,23 +127,41 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
     """Apply one corruption to (N, 32, 32) uint8 images; returns (N, 32, 32, 3) uint8 (RGB).
 
-    The suite draws from numpy's global generator: it is seeded from (seed, corruption, severity)
-    and restored afterwards, so a test set is the same images in every run and process.
+    Every image gets its own seed, ``crc32(seed:name) + index``: numpy's global generator is
+    seeded with it (restored afterwards), and it is passed as ``seed=`` to the corruptions that
+    ignore that generator (``impulse_noise`` and ``glass_blur`` draw from their own), so a test
+    set is the same images in every run and process, and image ``i`` does not depend on how
+    many images come before it.
     """
+    import inspect
     import warnings
-    from imagecorruptions import corrupt
+    from imagecorruptions import corrupt, corruption_dict
 
     spec = parse_test_set(f"corruption:{corruption}:{severity}")
+    base = zlib.crc32(f"{seed}:{spec.name}".encode())
+    takes_seed = "seed" in inspect.signature(corruption_dict[corruption]).parameters
     state = np.random.get_state()
-    np.random.seed(zlib.crc32(f"{seed}:{spec.name}".encode()))
+    out = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the suite warns on deprecated skimage/scipy arguments
-            out = [np.asarray(corrupt(np.repeat(im[:, :, None], 3, 2), corruption_name=corruption,
-                                      severity=severity), dtype=np.float64) for im in images]
+            for i, im in enumerate(images):
+                s = (base + i) % 2**32
+                np.random.seed(s)
+                kwargs = {"seed": s} if takes_seed else {}
+                out.append(np.asarray(corrupt(np.repeat(im[:, :, None], 3, 2), corruption_name=corruption,
+                                              severity=severity, **kwargs), dtype=np.float64))
     finally:
         np.random.set_state(state)
     return np.clip(np.round(np.stack(out)), 0, 255).astype(np.uint8)
+
+
+def same_images(corrupted: np.ndarray, source: np.ndarray) -> bool:
+    """Whether corrupted RGB images equal their grey-scale source in every channel (e.g. ``saturate``
+    scales a saturation that grey pixels do not have): such a set is the ID set again."""
+    grey = source if source.ndim == corrupted.ndim else source[..., None]
+    return corrupted.shape[0] == source.shape[0] and bool(np.array_equal(np.broadcast_to(grey, corrupted.shape),
+                                                                            corrupted))
 
 
 def is_embedded(data_cfg: dict) -> bool:

@@ -34,6 +34,8 @@ def load_images(name: str, data_cfg: dict, cache_dir: str | None = None) -> tupl
     dataset = data_cfg.get("dataset", "mnist")
     if dataset != "mnist":  # mnist's key stays as before, so existing caches stay valid
         key["dataset"] = dataset
+    if name.startswith("corruption:"):  # 2: one explicit seed per image (issue 14.15); older caches differ
+        key["corruption_seeding"] = 2
     path = None
     if cache_dir:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -49,6 +51,24 @@ def load_images(name: str, data_cfg: dict, cache_dir: str | None = None) -> tupl
         np.savez(tmp, x=x, y=y)
         os.replace(tmp, path)  # atomic: concurrent runs never read half a file
     return x, y
+
+
+def unchanged_sets(names, data_cfg: dict, cache_dir: str | None = None) -> list:
+    """The corruption sets among ``names`` whose images equal the uncorrupted ID test images
+    (``data.same_images``), with a warning for each: such a set measures ID accuracy again."""
+    import warnings
+
+    out, source = [], None
+    for name in names:
+        if not name.startswith("corruption:"):
+            continue
+        if source is None:
+            source = load_images("test", data_cfg, cache_dir)[0]
+        if D.same_images(load_images(name, data_cfg, cache_dir)[0], source):
+            warnings.warn(f"test set {name!r}: the corruption leaves these grey-scale images unchanged, so it is the "
+                          "ID test set again; it is left out of the OOD mean", UserWarning, stacklevel=2)
+            out.append(name)
+    return out
 
 
 def load_test_tensors(names, data_cfg: dict, image_size: int, mean, std, cache_dir=None) -> dict:

@@ -13,15 +13,20 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
+import signal
+import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
 from . import data as D
 from . import folder_data
-from .evaluate import evaluate_sets, load_saved_model, load_test_tensors
+from .evaluate import evaluate_sets, load_saved_model, load_test_tensors, unchanged_sets
 from .methods import METHODS, POSTHOC, method_params, resolve_grid
+from .options import ConfigError, apply_threads, resolve_threads
 from .train import recalibrate_saved_run, train_run, write_record
 
 DEFAULT_CONFIG = {
@@ -29,7 +34,8 @@ DEFAULT_CONFIG = {
     # of every run and the test-set cache (default runs/<name>, git-ignored).
     "name": "experiment", "output_dir": "runs/experiment", "work_dir": None, "model": "efficientnet_lite0",
     "device": "cpu",  # e.g. cuda for the folder benchmarks
-    "pretrained": None, "num_classes": 10, "image_size": 32, "threads": 2, "progress": True,
+    "pretrained": None, "num_classes": 10, "image_size": 32, "progress": True,
+    "threads": "auto",  # intra-op threads: an int, or "auto" = the cores other work leaves free (options.free_cores)
     "isolate": False, "resume": True,
     "memory_probe_steps": 20,  # >0: peak memory per method measured in a fresh process over this many steps
     "model_kwargs": None,
@@ -87,6 +93,7 @@ def validate(cfg: dict) -> dict:
             D.parse_test_set(name)
     if not cfg["seeds"]:
         raise ValueError("seeds must list at least one seed")
+    cfg["threads"] = resolve_threads(cfg["threads"])  # decided once, recorded in results.json
     from .posthoc import check
     check(cfg)
     return cfg
@@ -101,9 +108,67 @@ def _tag(overrides: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
 
 
-def _child(queue, args):
-    torch.set_num_threads(args[0].get("threads", 1))
-    queue.put(train_run(*args))
+class ChildFailed(RuntimeError):
+    """A child process died or raised before returning its result; ``exitcode`` is its exit code
+    (negative: killed by that signal)."""
+
+    def __init__(self, what: str, exitcode: int | None, error: str | None):
+        self.exitcode = exitcode
+        how = f"exit code {exitcode}"
+        if exitcode is not None and exitcode < 0:
+            try:
+                how = f"killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-exitcode}"
+        super().__init__(f"{what} failed in its child process ({how}): "
+                         + (error or "it left no error message (out of memory and native crashes end this way; "
+                                     "its own output above may say more)"))
+
+
+def _child_main(results, fn, args, threads):
+    apply_threads(threads)
+    try:
+        out = fn(*args)
+    except BaseException as e:  # report it to the parent, then end quietly with code 1
+        results.put(("error", traceback.format_exception_only(type(e), e)[-1].strip(), traceback.format_exc()))
+        raise SystemExit(1) from None
+    results.put(("ok", out))
+
+
+def run_in_child(fn, args: tuple, what: str, threads: int = 1):
+    """``fn(*args)`` in a fresh (spawned) process; its return value, or ``ChildFailed``.
+
+    The parent never blocks on the result alone: it polls the queue and the child, so a child
+    that dies without answering (out of memory, a native crash, ``os._exit``) fails the run
+    with its exit code instead of hanging it.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child_main, args=(results, fn, args, threads))
+    proc.start()
+    try:
+        while True:
+            try:
+                status, *payload = results.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if proc.is_alive():
+                    continue
+                try:  # it may have answered just before it exited
+                    status, *payload = results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    proc.join()
+                    raise ChildFailed(what, proc.exitcode, None) from None
+        proc.join()
+    finally:
+        if proc.is_alive():  # the parent was interrupted or failed: leave no child behind
+            proc.kill()
+            proc.join()
+    if status == "error":
+        sys.stderr.write(payload[1])
+        raise ChildFailed(what, proc.exitcode, payload[0])
+    return payload[0]
 
 
 def fingerprint(cfg: dict, method: str, overrides: dict, seed: int) -> str:
@@ -141,7 +206,7 @@ def _train(cfg, method, overrides, seed, run_dir):
     if cfg["train"].get("recalibrate_bn"):
         rec = recalibrate_saved_run(cfg, run_dir, rec)
     elif rec.get("bn_recalibrated"):
-        raise ValueError(f"{run_dir} holds a model with re-estimated BatchNorm statistics but train.recalibrate_bn "
+        raise ConfigError(f"{run_dir} holds a model with re-estimated BatchNorm statistics but train.recalibrate_bn "
                          "is off: use another work_dir or resume=false")
     return rec
 
@@ -150,13 +215,8 @@ def _train_now(cfg, method, overrides, seed, run_dir):
     args = (cfg, method, overrides, seed, run_dir, cfg["progress"])
     if not cfg["isolate"]:
         return train_run(*args)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, args))
-    p.start()
-    rec = q.get()
-    p.join()
-    return rec
+    return run_in_child(train_run, args, f"training {method} {overrides or ''} seed {seed}",
+                        resolve_threads(cfg.get("threads")))
 
 
 def memory_probe(cfg: dict, method: str, overrides: dict, seed: int, steps: int, tmp_dir: str) -> int:
@@ -173,7 +233,7 @@ def memory_probe(cfg: dict, method: str, overrides: dict, seed: int, steps: int,
 def run_experiment(cfg: dict) -> dict:
     """Run the search and the seeds; returns ``{"runs": [...], "selection": {...}}`` and writes the report."""
     cfg = validate(cfg)
-    torch.set_num_threads(cfg.get("threads", 1))
+    apply_threads(cfg["threads"])
     out = cfg["output_dir"]
     work = cfg["work_dir"] or os.path.join("runs", cfg["name"])
     os.makedirs(out, exist_ok=True)
@@ -198,7 +258,7 @@ def run_experiment(cfg: dict) -> dict:
             if seed != first:
                 _train(cfg, method, {**base, **best}, seed, run_dir)
             model, rec = load_saved_model(os.path.join(run_dir, "model.pt"), cfg.get("device") or "cpu")
-            torch.set_num_threads(cfg.get("threads", 1))
+            apply_threads(cfg["threads"])
             m = rec["model"]
             if cfg.get("resume") and rec.get("test_sets") == cfg["test_sets"] and "test" in rec:
                 pass  # scores of this very model.pt on these sets are already in run.json
@@ -223,8 +283,10 @@ def run_experiment(cfg: dict) -> dict:
     if any(m in POSTHOC for m in cfg["methods"]):
         from .posthoc import run_posthoc
         runs += run_posthoc(cfg, work, selection)
+    unchanged = unchanged_sets(cfg["test_sets"], cfg["data"], os.path.join(work, "cache")) \
+        if D.is_embedded(cfg["data"]) else []
     result = {"config": cfg, "work_dir": work, "selection": selection, "runs": runs, "total_wall_s": time.time() - t_start,
-              "machine": machine_description()}
+              "machine": machine_description(), "unchanged_sets": unchanged}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     from .report import write_report
