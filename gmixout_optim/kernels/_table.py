@@ -97,6 +97,7 @@ class TensorGroup:
         self.support_ptr = pointers(self.supports, self.device)
         self.keep = upload(self.keeps, torch.float32, self.device)
         self.n = n
+        self.cache: dict = {}  # small device constants of the ops (hyperparameters), by value
 
     def __len__(self) -> int:
         return len(self.params)

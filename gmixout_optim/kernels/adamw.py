@@ -293,7 +293,11 @@ def fused_adamw_step_grouped_triton(group: TensorGroup, grads, residuals, exp_av
         note("launch", "adamw")
     if not torch.is_tensor(lr):
         lr = upload([lr], torch.float64, group.device)
-    hp64 = upload([beta1, beta2, weight_decay], torch.float64, group.device)
+    # constant across steps: uploaded once per group and value, not every step
+    key = ("adamw_hp64", float(beta1), float(beta2), float(weight_decay))
+    hp64 = group.cache.get(key)
+    if hp64 is None:
+        hp64 = group.cache[key] = upload(key[1:], torch.float64, group.device)
     lerp_w = 1 - beta1
     if group.blocks.num_blocks:
         note("launch", "adamw")
