@@ -8,7 +8,6 @@ and ``checkpoint`` (the saved format and its DCP view).
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -18,43 +17,12 @@ import torch
 from torch.optim import Optimizer
 
 from . import checkpoint, episode, hparams, sharding
+from .inner import build_inner
 from .kernels import Segment
 from .state import drop_compact, support_indices
-from .step import Work, all_finite, gather_grads, gmixout_step, initialize_inner, resolve
+from .step import Work, all_finite, collect, gather_grads, gmixout_step, initialize_inner, resolve
 
 __all__ = ["GMixoutOptimizer", "find_gmixout"]
-
-
-def _build_inner(inner: Any, groups: list[dict], inner_kwargs: dict) -> Optimizer:
-    """Build the inner optimizer from a torch.optim name, an Optimizer class or a factory."""
-    if isinstance(inner, str):
-        cls = getattr(torch.optim, inner, None)
-        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or issubclass(cls, GMixoutOptimizer):
-            allowed = sorted(
-                n for n, c in vars(torch.optim).items()
-                if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer
-                and not issubclass(c, GMixoutOptimizer)
-            )
-            raise ValueError(f"inner={inner!r} is not an optimizer of torch.optim; allowed names: {allowed}")
-        inner = cls
-    if isinstance(inner, type):
-        if not issubclass(inner, Optimizer) or issubclass(inner, GMixoutOptimizer):
-            raise TypeError(f"inner must be a torch.optim.Optimizer subclass (not GMixoutOptimizer), got {inner!r}")
-        sig = inspect.signature(inner.__init__)
-        if not any(prm.kind is prm.VAR_KEYWORD for prm in sig.parameters.values()):
-            accepted = [n for n in sig.parameters if n not in ("self", "params")]
-            unknown = sorted(set(inner_kwargs) - set(accepted))
-            if unknown:
-                raise ValueError(
-                    f"inner optimizer {inner.__name__} does not accept {unknown}; it accepts {accepted}")
-        return inner(groups, **inner_kwargs)
-    if callable(inner):
-        built = inner(groups, **inner_kwargs)
-        if not isinstance(built, Optimizer):
-            raise TypeError(f"the inner factory {inner!r} returned {type(built).__name__}, not a torch Optimizer")
-        return built
-    raise TypeError(f"inner must be a torch.optim name, an Optimizer class or a factory, got {inner!r}")
-
 
 
 class GMixoutOptimizer(Optimizer):
@@ -144,7 +112,7 @@ class GMixoutOptimizer(Optimizer):
             groups = list(params)
             if groups and not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
-            inner_opt = _build_inner("AdamW" if inner is None else inner, groups, inner_kwargs)
+            inner_opt = build_inner("AdamW" if inner is None else inner, groups, inner_kwargs, GMixoutOptimizer)
 
         self._inner = inner_opt
         self._merge = checked["merge"]
@@ -174,10 +142,12 @@ class GMixoutOptimizer(Optimizer):
 
     @property
     def state_policy(self) -> str:
+        """``state_policy``: what the inner state does at a redraw."""
         return self._state_policy
 
     @property
     def seed(self) -> int:
+        """The seed of the support draws."""
         return self._seed
 
     @property
@@ -267,7 +237,8 @@ class GMixoutOptimizer(Optimizer):
         ``episode_number`` at its next step, with no compact or inner state. Engines use it to
         resume a consolidated checkpoint whose optimizer state they cannot load (another world
         size); the support of that episode is drawn at the next step."""
-        episode_number = hparams.HParam("episode", int, 0, "episode number", low=0).check(episode_number)
+        if isinstance(episode_number, bool) or not isinstance(episode_number, int) or episode_number < 0:
+            raise ValueError(f"episode must be an int >= 0 (the episode to start), got {episode_number!r}")
         for gi, group in enumerate(self.param_groups):
             if group["gmixout"] and group_index in (None, gi):
                 for w in group["params"]:
@@ -283,7 +254,7 @@ class GMixoutOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sparse, dense = self._tensors_with_grad()
+        sparse, dense = collect(self.param_groups)
         sync = sharding.sync_group(self._sync_group, self.param_groups)
         if not sparse and not dense and sharding.agrees_alone(sync):
             return loss
@@ -322,21 +293,6 @@ class GMixoutOptimizer(Optimizer):
                 item.st["episode_step"] = 0
                 self._start_episode(w, item.st, group, gi, i)
         return loss
-
-    def _tensors_with_grad(self) -> tuple[list, list]:
-        sparse, dense = [], []
-        for gi, group in enumerate(self.param_groups):
-            for i, w in enumerate(group["params"]):
-                if w.grad is None:
-                    continue
-                if w.grad.is_sparse:
-                    raise TypeError(f"GMixoutOptimizer does not support sparse gradients "
-                                    f"(param group {gi}, parameter {i}, layout {w.grad.layout})")
-                if group["gmixout"]:
-                    sparse.append((w, group, gi, i))
-                else:
-                    dense.append(w)
-        return sparse, dense
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
         if not sharding.local(w).is_contiguous():

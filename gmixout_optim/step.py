@@ -30,7 +30,7 @@ from .kernels._dispatch import use_triton
 from .sharding import local
 from .state import SUPPORT_SIZE, support_indices
 
-__all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "Work", "gather_grads", "all_finite",
+__all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "collect", "Work", "gather_grads", "all_finite",
            "gmixout_step", "inner_step", "initialize_inner"]
 
 
@@ -67,6 +67,24 @@ def resolve(w: torch.Tensor, group: dict, inner: torch.optim.Optimizer) -> tuple
             return "fused", kernels
         return "triton", kernels
     return "torch", kernels
+
+
+def collect(param_groups: list[dict]) -> tuple[list, list]:
+    """``(sparse, dense)``: ``(w, group, group index, index)`` of each GMixout tensor with a
+    gradient, and the other parameters with one."""
+    sparse, dense = [], []
+    for gi, group in enumerate(param_groups):
+        for i, w in enumerate(group["params"]):
+            if w.grad is None:
+                continue
+            if w.grad.is_sparse:
+                raise TypeError(f"GMixoutOptimizer does not support sparse gradients "
+                                f"(param group {gi}, parameter {i}, layout {w.grad.layout})")
+            if group["gmixout"]:
+                sparse.append((w, group, gi, i))
+            else:
+                dense.append(w)
+    return sparse, dense
 
 
 class Work(NamedTuple):

@@ -81,3 +81,21 @@ def test_a_state_dict_without_config_is_refused():
     sd = {"state": blob["state_dict"]["state"], "param_groups": blob["state_dict"]["param_groups"]}
     with pytest.raises(ValueError, match="no 'gmixout' block"):
         _opt(_params(blob["weights"])).load_state_dict(sd)
+
+
+def test_the_previous_versions_dcp_view_loads():
+    """What the previous version's ``fsdp.attach`` hooks wrote: format 1, no segments, the
+    config only as JSON in param group 0 (DCP keeps state and param_groups)."""
+    import json
+
+    blob = torch.load(FIXTURE, weights_only=False)
+    sd = copy.deepcopy(blob["state_dict"])
+    for entry in sd["state"].values():
+        entry.pop("segments", None)
+    sd["param_groups"][0][checkpoint.CONFIG_KEY] = json.dumps(sd.pop("gmixout"), sort_keys=True)
+    ps = _params(blob["weights"])
+    opt = _opt(ps)
+    opt.load_state_dict(sd)
+    _train(opt, ps, range(6, 11))
+    for got, expected in zip(ps, blob["weights_after_10"]):
+        assert torch.equal(got.detach(), expected)

@@ -1,0 +1,42 @@
+"""The inner optimizer that GMixout wraps: built from a name, a class or a factory, checked."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["build_inner"]
+
+
+def build_inner(inner: Any, groups: list[dict], inner_kwargs: dict, wrapper: type) -> Optimizer:
+    """Build the inner optimizer from a torch.optim name, an Optimizer class or a factory
+    (never ``wrapper``, the GMixout class itself, or a subclass of it)."""
+    if isinstance(inner, str):
+        cls = getattr(torch.optim, inner, None)
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or issubclass(cls, wrapper):
+            allowed = sorted(
+                n for n, c in vars(torch.optim).items()
+                if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer
+                and not issubclass(c, wrapper)
+            )
+            raise ValueError(f"inner={inner!r} is not an optimizer of torch.optim; allowed names: {allowed}")
+        inner = cls
+    if isinstance(inner, type):
+        if not issubclass(inner, Optimizer) or issubclass(inner, wrapper):
+            raise TypeError(f"inner must be a torch.optim.Optimizer subclass (not {wrapper.__name__}), got {inner!r}")
+        sig = inspect.signature(inner.__init__)
+        if not any(prm.kind is prm.VAR_KEYWORD for prm in sig.parameters.values()):
+            accepted = [n for n in sig.parameters if n not in ("self", "params")]
+            unknown = sorted(set(inner_kwargs) - set(accepted))
+            if unknown:
+                raise ValueError(
+                    f"inner optimizer {inner.__name__} does not accept {unknown}; it accepts {accepted}")
+        return inner(groups, **inner_kwargs)
+    if callable(inner):
+        built = inner(groups, **inner_kwargs)
+        if not isinstance(built, Optimizer):
+            raise TypeError(f"the inner factory {inner!r} returned {type(built).__name__}, not a torch Optimizer")
+        return built
+    raise TypeError(f"inner must be a torch.optim name, an Optimizer class or a factory, got {inner!r}")
