@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["build_inner"]
+__all__ = ["build_inner", "inner_from"]
 
 
 def build_inner(inner: Any, groups: list[dict], inner_kwargs: dict, wrapper: type) -> Optimizer:
@@ -40,3 +40,26 @@ def build_inner(inner: Any, groups: list[dict], inner_kwargs: dict, wrapper: typ
             raise TypeError(f"the inner factory {inner!r} returned {type(built).__name__}, not a torch Optimizer")
         return built
     raise TypeError(f"inner must be a torch.optim name, an Optimizer class or a factory, got {inner!r}")
+
+
+def inner_from(params: Any, inner: Any, inner_kwargs: dict, wrapper: type) -> Optimizer:
+    """The optimizer GMixout wraps: ``params`` itself when it is an optimizer (before its first
+    step, with no ``inner`` / kwargs), else one built over ``params`` (default AdamW)."""
+    if isinstance(params, Optimizer):
+        if isinstance(params, wrapper):
+            raise TypeError(f"params is already a {wrapper.__name__}; wrap the inner optimizer once")
+        if inner is not None or inner_kwargs:
+            raise ValueError(
+                "an optimizer instance was given: set its hyperparameters on it; got "
+                f"inner={inner!r} and inner kwargs {sorted(inner_kwargs)}")
+        if any(len(s) for s in params.state.values()):
+            raise ValueError("wrap the inner optimizer before its first step: it already holds state")
+        inner_opt = params
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or dicts, not a tensor")
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        inner_opt = build_inner("AdamW" if inner is None else inner, groups, inner_kwargs, wrapper)
+    return inner_opt

@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import checkpoint, episode, hparams, sharding
-from .inner import build_inner
+from .inner import inner_from
 from .kernels import Segment
 from .state import drop_compact, support_indices
 from .step import Work, all_finite, collect, gather_grads, gmixout_step, initialize_inner, resolve
@@ -55,6 +55,8 @@ class GMixoutOptimizer(Optimizer):
     :math:`W[S] - v/(1-p)`). Supports come from a counter-based RNG keyed by
     (seed, tensor key, episode, global element offset): they are regenerated, never
     stored densely, and identical however the tensor is sharded (see ``set_locator``).
+    DTensor (FSDP2) parameters are recognised: the optimizer steps their local shards in
+    place, keyed by the shards' global element offsets, and checkpoints them for DCP.
 
     Inner state across a redraw (``state_policy``): ``remap`` keeps the state of
     coordinates in both supports and zeroes the rest; ``carry`` keeps the compact
@@ -96,24 +98,7 @@ class GMixoutOptimizer(Optimizer):
     ) -> None:
         checked = hparams.check_kwargs(dict(p=p, ema_decay=ema_decay, resample_every=resample_every, merge=merge,
                                             state_policy=state_policy, seed=seed, skip_nonfinite=skip_nonfinite))
-        if isinstance(params, Optimizer):
-            if isinstance(params, GMixoutOptimizer):
-                raise TypeError("params is already a GMixoutOptimizer; wrap the inner optimizer once")
-            if inner is not None or inner_kwargs:
-                raise ValueError(
-                    "an optimizer instance was given: set its hyperparameters on it; got "
-                    f"inner={inner!r} and inner kwargs {sorted(inner_kwargs)}")
-            if any(len(s) for s in params.state.values()):
-                raise ValueError("wrap the inner optimizer before its first step: it already holds state")
-            inner_opt = params
-        else:
-            if isinstance(params, torch.Tensor):
-                raise TypeError("params must be an iterable of tensors or dicts, not a tensor")
-            groups = list(params)
-            if groups and not isinstance(groups[0], dict):
-                groups = [{"params": groups}]
-            inner_opt = build_inner("AdamW" if inner is None else inner, groups, inner_kwargs, GMixoutOptimizer)
-
+        inner_opt = inner_from(params, inner, inner_kwargs, GMixoutOptimizer)
         self._inner = inner_opt
         self._merge = checked["merge"]
         self._state_policy = checked["state_policy"]
@@ -219,17 +204,12 @@ class GMixoutOptimizer(Optimizer):
         return sharding.check_segments(list(segments), tensor)
 
     def set_sync_group(self, group: Any = "shards") -> None:
-        """Have the ranks that share a sharded tensor take the same step decisions.
-
-        Sharded engines show each rank only its shard of the gradient: with a sync group,
-        a non-finite value on any rank skips the step on all, and an init-only step
-        (all-zero gradients on empty state) happens only when it is one on every rank.
-        It costs one small all-reduce per step, and every rank of the group must call
-        ``step()`` together (the engines do). ``group``: a process group, ``"shards"``
-        (the shard group of the first DTensor parameter: FSDP2/HSDP), ``"world"`` (the
-        default group, once initialised: DeepSpeed ZeRO), ``"auto"`` (the default:
-        ``"shards"`` when a parameter is a DTensor, else off) or ``None`` (off).
-        """
+        """Have the ranks that see different shards of a gradient take the same step decisions
+        (skip a non-finite step on all; an init-only step only when it is one on every rank),
+        with one small all-reduce per step; every rank of the group must call ``step()``.
+        ``group``: a process group, ``"shards"`` (the first DTensor's shard group: FSDP2/HSDP),
+        ``"world"`` (DeepSpeed ZeRO), ``"auto"`` (default: ``"shards"`` if a parameter is a
+        DTensor, else off) or ``None`` (off)."""
         self._sync_group = group
 
     def restart_episodes(self, episode_number: int, group_index: int | None = None) -> None:
