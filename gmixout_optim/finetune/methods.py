@@ -27,6 +27,8 @@ import copy
 import torch
 from torch import nn
 
+from .. import hparams
+
 METHODS = ("full_ft", "ema", "wise_ft", "lora", "mixout", "gmixout")
 
 # Defaults per method; a config's ``method_params`` overrides them. Shared: lr, weight_decay.
@@ -61,6 +63,8 @@ def method_params(name: str, overrides: dict | None = None) -> dict:
         if k not in hp:
             raise ValueError(f"method {name!r} has no parameter {k!r}; allowed: {', '.join(sorted(hp))}")
         hp[k] = v
+    if name == "gmixout":  # GMixout's own keys go through the one table, before any run starts
+        hparams.check_kwargs(hp, " (method gmixout)", names=hparams.HPARAMS)
     return hp
 
 
