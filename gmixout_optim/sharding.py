@@ -20,7 +20,7 @@ from .engine_internals import require_import
 from .kernels import Segment
 
 __all__ = ["is_dtensor", "local", "default_key", "shard_mesh_dim", "dtensor_segments", "default_segments",
-           "check_segments", "shard_group", "sync_group", "agree", "SYNC_SETTINGS"]
+           "check_segments", "shard_group", "sync_group", "agrees_alone", "agree", "SYNC_SETTINGS"]
 
 try:  # FSDP2 parameters are DTensors: the optimizer works on their local shards.
     from torch.distributed.tensor import DTensor as _DTensor

@@ -25,7 +25,7 @@ optimizers). FSDP1 checkpoints go through the optimizer's own ``state_dict()`` p
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from gmixout_optim import Segment, find_gmixout
 from gmixout_optim.engine_internals import require
