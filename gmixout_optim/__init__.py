@@ -2,7 +2,7 @@
 
 from .groups import gmixout_param_groups
 from .kernels import Segment
-from .optimizer import GMixoutOptimizer
+from .optimizer import GMixoutOptimizer, find_gmixout
 
-__all__ = ["GMixoutOptimizer", "Segment", "gmixout_param_groups"]
+__all__ = ["GMixoutOptimizer", "Segment", "find_gmixout", "gmixout_param_groups"]
 __version__ = "0.1.0"

@@ -7,9 +7,10 @@ keep every rank's compact state; :func:`prepare` does both around ``accelerator.
     from gmixout_optim.integrations.accelerate import prepare
     model, opt, loader = prepare(accelerator, model, opt, loader)
 
-- FSDP2 / FSDP1 / DDP: :func:`gmixout_optim.integrations.fsdp.attach` (locator from each
-  DTensor shard's global offset, DTensor-wrapped compact state for DCP, which Accelerate's
-  ``save_state`` / ``load_state`` use for FSDP2 with ``SHARDED_STATE_DICT``);
+- FSDP2 / DDP: nothing (the optimizer places DTensor shards itself and writes its compact
+  state as DTensors for DCP, which Accelerate's ``save_state`` / ``load_state`` use for FSDP2
+  with ``SHARDED_STATE_DICT``); FSDP1: :func:`gmixout_optim.integrations.fsdp.attach` with the
+  prepared model (flat parameters are located through it);
 - DeepSpeed: :func:`gmixout_optim.integrations.deepspeed.install_locator` before DeepSpeed
   wraps the optimizer (it records the parameters of each group while they are the model's);
   keep ``"optimizer"`` out of the DeepSpeed config (Accelerate refuses both) and set
@@ -22,19 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from gmixout_optim import GMixoutOptimizer
+from gmixout_optim import GMixoutOptimizer, find_gmixout
 
 __all__ = ["prepare", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(opt: Any) -> GMixoutOptimizer:
-    """The GMixoutOptimizer inside an ``AcceleratedOptimizer`` (or a DeepSpeed engine's)."""
-    seen = opt
-    for _ in range(4):
-        if isinstance(seen, GMixoutOptimizer):
-            return seen
-        seen = getattr(seen, "optimizer", None) or getattr(seen, "basic_optimizer", None)
-    raise TypeError(f"no GMixoutOptimizer inside {type(opt).__name__}")
+    """The GMixoutOptimizer inside an ``AcceleratedOptimizer`` (or a DeepSpeed engine's):
+    :func:`gmixout_optim.find_gmixout`."""
+    return find_gmixout(opt)
 
 
 def prepare(accelerator: Any, *objects: Any) -> Any:
@@ -54,12 +51,14 @@ def prepare(accelerator: Any, *objects: Any) -> Any:
         from gmixout_optim.integrations import deepspeed as ds
         ds.install_locator(opt)
     prepared = accelerator.prepare(*objects)
-    if kind != DistributedType.DEEPSPEED:
+    fsdp1 = kind == DistributedType.FSDP and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
+    if fsdp1:  # FSDP2 and DDP need nothing: the optimizer handles DTensor shards itself
         from torch import nn
 
         from gmixout_optim.integrations import fsdp
         result = prepared if isinstance(prepared, tuple) else (prepared,)
         models = [m for m in result if isinstance(m, nn.Module)]
-        fsdp1 = kind == DistributedType.FSDP and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
-        fsdp.attach(opt, models[0] if fsdp1 and models else None)
+        if not models:
+            raise ValueError("FSDP1 needs the model among the objects: its flat parameters are located through it")
+        fsdp.attach(opt, models[0])
     return prepared

@@ -36,17 +36,18 @@ work on the fp32 master partitions and copy them back into the model's (16-bit) 
 from __future__ import annotations
 
 import glob
-import inspect
-import json
-import math
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 
-from gmixout_optim import GMixoutOptimizer, Segment
-from gmixout_optim.optimizer import MERGE_RULES, STATE_POLICIES
+from gmixout_optim import GMixoutOptimizer, Segment, find_gmixout
+from gmixout_optim.checkpoint import find_state_dict, restart_episodes_of
+from gmixout_optim.engine_internals import require
+
+from .deepspeed_config import NAME, check_config, check_params
 
 __all__ = [
     "DeepSpeedGMixout", "register", "unregister", "is_registered", "client_optimizer",
@@ -54,8 +55,12 @@ __all__ = [
     "anchor_weights", "load_checkpoint", "gmixout_optimizer", "build_comm_op",
 ]
 
-NAME = "GMixout"
-_GMIXOUT_ARGS = ("inner", "p", "ema_decay", "resample_every", "merge", "state_policy", "seed", "skip_nonfinite")
+_ZERO3_SUBGROUP_ID = re.compile(r"^(\d+)_(\d+)$")  # ZeRO-3 flat sub-group ds_id: "firstid_lastid"
+
+
+def _ds(obj: Any, name: str, purpose: str) -> Any:
+    """A DeepSpeed internal, or a clear error naming it and the version tested."""
+    return require(obj, name, engine="deepspeed", purpose=purpose)
 
 
 # -- the optimizer class and its locator -------------------------------------------------
@@ -76,13 +81,13 @@ def install_locator(opt: GMixoutOptimizer) -> None:
     """Install the DeepSpeed locator on ``opt``; call before ``deepspeed.initialize``."""
     groups = list(opt.param_groups)
     owners: list[list[torch.Tensor]] = []
+    first_key = [opt.tensor_key(g, 0) for g in range(len(groups))]
     for gi, group in enumerate(groups):
         for t in group["params"]:
             if hasattr(t, "ds_id") and not hasattr(t, "ds_tensor"):
                 raise RuntimeError(f"param group {gi} already holds DeepSpeed flat partitions: install the "
                                    "locator (build the optimizer) before deepspeed.initialize")
         owners.append(list(group["params"]))
-    first_key = [sum(len(o) for o in owners[:g]) for g in range(len(owners))]
 
     def group_of(gi: int) -> int:
         group = opt.param_groups[gi]
@@ -130,7 +135,12 @@ def _zero12_segments(w: torch.Tensor, g: int, params: list[torch.Tensor]) -> lis
 
 def _zero3_segments(w: torch.Tensor, ds_id: str, params: list[torch.Tensor], first_key: int,
                     g: int) -> list[Segment]:
-    first, last = (int(x) for x in ds_id.split("_"))
+    match = _ZERO3_SUBGROUP_ID.match(ds_id)
+    if match is None:
+        from gmixout_optim.engine_internals import EngineInternalsError, TESTED
+        raise EngineInternalsError(f"a ZeRO-3 flat sub-group has ds_id {ds_id!r}; GMixout reads it as "
+                                   f"'firstid_lastid' (deepspeed {TESTED['deepspeed']}) to locate its pieces")
+    first, last = int(match[1]), int(match[2])
     ids = [getattr(p, "ds_id", None) for p in params]
     if first not in ids or last not in ids:
         raise RuntimeError(f"ZeRO-3 sub-group {ds_id} does not belong to param group {g}")
@@ -138,10 +148,10 @@ def _zero3_segments(w: torch.Tensor, ds_id: str, params: list[torch.Tensor], fir
     segments, start = [], 0
     for j in range(j0, j1 + 1):
         p = params[j]
-        piece = p.partition_numel()
+        piece = _ds(p, "partition_numel", "locate ZeRO-3 parameter pieces")()
         rank = getattr(p, "ds_zero_partition_rank", None)
         rank = _rank() if rank is None else rank
-        length = max(0, min(piece, p.ds_numel - rank * piece))
+        length = max(0, min(piece, _ds(p, "ds_numel", "locate ZeRO-3 parameter pieces") - rank * piece))
         if length:
             segments.append(Segment(start, length, first_key + j, rank * piece))
         start += piece
@@ -205,7 +215,7 @@ def client_optimizer(**params: Any) -> Callable[[Any], DeepSpeedGMixout]:
 
     ``params`` are those of the config's ``"params"`` block; they are checked now.
     """
-    _check_gmixout_params(params, where="client_optimizer")
+    check_params(params, where="client_optimizer")
 
     def build(model_parameters: Any) -> DeepSpeedGMixout:
         return DeepSpeedGMixout(model_parameters, **params)
@@ -214,143 +224,15 @@ def client_optimizer(**params: Any) -> Callable[[Any], DeepSpeedGMixout]:
     return build
 
 
-# -- config check -----------------------------------------------------------------------
-
-def check_config(config: dict | str | os.PathLike, *, client: bool = False) -> dict:
-    """Explain, before DeepSpeed fails or silently swaps the optimizer, what a GMixout config lacks.
-
-    ``config``: the DeepSpeed config dict or a JSON path. ``client=True`` when the optimizer
-    is passed to ``deepspeed.initialize`` instead of named in the config. Raises
-    ``ValueError`` listing every problem; returns the GMixout ``params`` (``{}`` on the
-    client route). Checked: the type name, the GMixout params (naming the bad value), the
-    flags ZeRO needs for an optimizer it does not know, and the ZeRO settings under which
-    supports would depend on the world size or state would be resliced as Adam's.
-    """
-    if not isinstance(config, dict):
-        with open(config) as f:
-            config = json.load(f)
-    problems: list[str] = []
-    opt_block = config.get("optimizer")
-    params: dict = {}
-    if client:
-        if opt_block is not None:
-            problems.append('an "optimizer" block and a client optimizer together: DeepSpeed would use the '
-                            'client optimizer and ignore the block; remove one')
-    else:
-        typ = (opt_block or {}).get("type")
-        if typ != NAME:
-            hint = " (the name is case-sensitive)" if isinstance(typ, str) and typ.lower() == NAME.lower() else ""
-            problems.append(f'optimizer.type is {typ!r}, expected "{NAME}"{hint}')
-        elif not is_registered(NAME):
-            problems.append(f"torch.optim.{NAME} is not registered on this rank: call "
-                            "gmixout_optim.integrations.deepspeed.register() before deepspeed.initialize")
-        params = dict((opt_block or {}).get("params") or {})
-        try:
-            _check_gmixout_params(params, where="optimizer.params")
-        except ValueError as err:
-            problems.append(str(err))
-
-    zero = config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-        stage = 0
-    if stage >= 1 and config.get("zero_allow_untested_optimizer") is not True:
-        problems.append('ZeRO accepts only its own optimizers unless "zero_allow_untested_optimizer": true '
-                        "(GMixout takes the flat fp32 partitions as they are)")
-    half = any((config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
-    if stage == 0 and half:
-        problems.append("fp16/bf16 without ZeRO wraps the optimizer in DeepSpeed's FP16_Optimizer, whose flat "
-                        "groups the locator does not know; use zero_optimization.stage 1 (same memory, "
-                        "supported)")
-    offload = zero.get("offload_optimizer") or {}
-    device = offload.get("device", "none")
-    if device not in (None, "none"):
-        if device != "cpu":
-            problems.append(f'offload_optimizer.device={device!r}: only "cpu" is supported (the NVMe swapper '
-                            "pages optimizer state as Adam's partition-shaped buffers)")
-        if config.get("zero_force_ds_cpu_optimizer", True) is not False:
-            problems.append('optimizer offload needs "zero_force_ds_cpu_optimizer": false, or DeepSpeed refuses '
-                            "a client optimizer (and Accelerate silently swaps in DeepSpeedCPUAdam)")
-        if float(offload.get("ratio", 1.0)) != 1.0:
-            problems.append(f"offload_optimizer.ratio={offload['ratio']!r}: partial offload steps the rest "
-                            "with a torch Adam behind GMixout's back; use 1.0")
-    if zero.get("round_robin_gradients"):
-        problems.append("zero_optimization.round_robin_gradients reorders the flat groups per world size, "
-                        "so supports would change with the number of ranks; set it false")
-    if zero.get("elastic_checkpoint"):
-        problems.append("zero_optimization.elastic_checkpoint reslices optimizer state as if it were Adam's; "
-                        "use consolidate() + load_checkpoint() of this module to change world size")
-    for key in ("zero_hpz_partition_size", "mics_shard_size"):
-        if int(zero.get(key, 1 if key == "zero_hpz_partition_size" else -1)) > 1:
-            problems.append(f"zero_optimization.{key} > 1 partitions over a subgroup of ranks; not supported")
-    if problems:
-        raise ValueError("DeepSpeed config not usable with GMixout:\n  - " + "\n  - ".join(problems))
-    return params
-
-
-def _check_gmixout_params(params: dict, where: str) -> None:
-    """Check a GMixout ``params`` block without building anything (ValueError names the value)."""
-    bad = []
-
-    def num(key, lo, hi, lo_open=False, hi_open=False):
-        if key not in params:
-            return
-        v = params[key]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        if not ok:
-            lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
-            bad.append(f"{where}.{key}={v!r} must be a number in {lo_b}{lo}, {hi}{hi_b}")
-
-    num("p", 0.0, 1.0, hi_open=True)
-    num("ema_decay", 0.0, 1.0)
-    num("lr", 0.0, math.inf, hi_open=True)
-    num("weight_decay", 0.0, math.inf, hi_open=True)
-    num("eps", 0.0, math.inf, lo_open=True, hi_open=True)
-    k = params.get("resample_every", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        bad.append(f"{where}.resample_every={k!r} must be a positive int (optimizer steps per episode)")
-    if params.get("merge", "ema") not in MERGE_RULES:
-        bad.append(f"{where}.merge={params['merge']!r} must be one of {MERGE_RULES}")
-    if params.get("state_policy", "remap") not in STATE_POLICIES:
-        bad.append(f"{where}.state_policy={params['state_policy']!r} must be one of {STATE_POLICIES}")
-    seed = params.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        bad.append(f"{where}.seed={seed!r} must be an int in [0, 2**63)")
-    if not isinstance(params.get("skip_nonfinite", True), bool):
-        bad.append(f"{where}.skip_nonfinite={params['skip_nonfinite']!r} must be a bool")
-    if "betas" in params:
-        b = params["betas"]
-        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1
-                                                                    for x in b)):
-            bad.append(f"{where}.betas={b!r} must be two numbers in [0, 1)")
-    if "max_grad_norm" in params:
-        bad.append(f"{where}.max_grad_norm is refused by DeepSpeed; use the top-level \"gradient_clipping\"")
-    inner = params.get("inner", "AdamW")
-    cls = getattr(torch.optim, inner, None) if isinstance(inner, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or issubclass(cls, GMixoutOptimizer):
-        bad.append(f"{where}.inner={inner!r} must name a torch.optim optimizer (e.g. \"AdamW\")")
-    else:
-        sig = inspect.signature(cls.__init__)
-        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-            accepted = set(sig.parameters) - {"self", "params"}
-            unknown = sorted(set(params) - accepted - set(_GMIXOUT_ARGS))
-            if unknown:
-                bad.append(f"{where}: {unknown} are neither GMixout arguments {list(_GMIXOUT_ARGS)} nor "
-                           f"arguments of {inner} {sorted(accepted)}")
-    if bad:
-        raise ValueError("; ".join(bad))
-
-
 # -- weights outside step(): finalize, consolidate, anchor_weights ----------------------
 
 def gmixout_optimizer(engine: Any) -> GMixoutOptimizer:
-    """The ``GMixoutOptimizer`` inside a DeepSpeed engine (its ``basic_optimizer``)."""
-    opt = getattr(engine, "basic_optimizer", None)
-    if not isinstance(opt, GMixoutOptimizer):
-        raise TypeError(f"engine's optimizer is {type(opt).__name__}, not a GMixoutOptimizer")
-    return opt
+    """The ``GMixoutOptimizer`` inside a DeepSpeed engine: :func:`gmixout_optim.find_gmixout`."""
+    return find_gmixout(engine)
+
+
+def _zero_stage(engine: Any) -> int:
+    return int(_ds(engine, "zero_optimization_stage", "tell the ZeRO stage")())
 
 
 @contextmanager
@@ -358,25 +240,28 @@ def _master_groups(engine: Any) -> Iterator[GMixoutOptimizer]:
     """Put the fp32 master tensors into ``param_groups`` (ZeRO-3 empties them outside step)."""
     opt = gmixout_optimizer(engine)
     zero = engine.optimizer
-    stage3 = hasattr(zero, "_set_fp32_optimizer_param_groups")
-    if stage3:
-        zero._set_fp32_optimizer_param_groups()
+    if _zero_stage(engine) != 3:
+        yield opt
+        return
+    purpose = "show the optimizer ZeRO-3's fp32 partitions outside step()"
+    _ds(zero, "_set_fp32_optimizer_param_groups", purpose)()
     try:
         yield opt
     finally:
-        if stage3:
-            zero._clear_fp32_optimizer_param_groups()
+        _ds(zero, "_clear_fp32_optimizer_param_groups", purpose)()
 
 
 def _sync_model_weights(engine: Any) -> None:
     """Copy the fp32 master partitions into the model's weights (all ranks)."""
     zero = engine.optimizer
-    if hasattr(zero, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
-        for sub_group_id in range(len(zero.fp32_partitioned_groups_flat)):
-            zero._reassign_or_swap_out_partitioned_parameters(sub_group_id)
-    elif hasattr(zero, "update_lp_params"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
-        zero.update_lp_params()
-    # stage 0: the optimizer holds the model's parameters themselves
+    if _zero_stage(engine) == 3:
+        purpose = "copy the merged fp32 partitions into ZeRO-3's model weights"
+        reassign = _ds(zero, "_reassign_or_swap_out_partitioned_parameters", purpose)
+        for sub_group_id in range(len(_ds(zero, "fp32_partitioned_groups_flat", purpose))):
+            reassign(sub_group_id)
+    elif zero is not gmixout_optimizer(engine):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer hold masters
+        _ds(zero, "update_lp_params", "copy the merged fp32 partitions into the model's 16-bit weights")()
+    # stage 0 without a wrapper: the optimizer holds the model's parameters themselves
 
 
 def finalize(engine: Any, merge_running: bool = True) -> None:
@@ -430,11 +315,8 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs
     kwargs["load_optimizer_states"] = False
     result = engine.load_checkpoint(load_dir, tag, **kwargs)
     with _master_groups(engine) as opt:
-        for g, group in enumerate(opt.param_groups):
-            if not group["gmixout"]:
-                continue
-            for w in group["params"]:
-                opt.state[w] = {"episode": episodes.get(g, 0), "episode_step": 0}
+        for g, number in episodes.items():
+            opt.restart_episodes(number, g)
     return result
 
 
@@ -442,37 +324,16 @@ def _optim_files(load_dir: str, tag: str) -> list[str]:
     return sorted(glob.glob(os.path.join(load_dir, tag, "*optim_states.pt")))
 
 
-def _find_gmixout_sd(obj: Any, depth: int = 0) -> dict | None:
-    if isinstance(obj, dict):
-        if "gmixout" in obj and "state" in obj and "param_groups" in obj:
-            return obj
-        if depth < 3:
-            for value in obj.values():
-                found = _find_gmixout_sd(value, depth + 1)
-                if found is not None:
-                    return found
-    return None
-
-
 def _saved_episodes(load_dir: str, tag: str) -> dict[int, int]:
     """Per GMixout group: the episode the next step starts, read from rank 0's saved state."""
     blob = torch.load(_optim_files(load_dir, tag)[0], map_location="cpu", weights_only=False)
-    sd = _find_gmixout_sd(blob)
+    sd = find_state_dict(blob)
     if sd is None:
         raise ValueError(f"{load_dir}/{tag} holds no GMixoutOptimizer state")
-    episodes: dict[int, int] = {}
-    for g, group in enumerate(sd["param_groups"]):
-        if not group.get("gmixout"):
-            continue
-        seen = {(sd["state"][pid]["episode"], sd["state"][pid]["episode_step"], "residual" in sd["state"][pid])
-                for pid in group["params"] if pid in sd["state"]}
-        if any(step or running for _, step, running in seen):
-            raise ValueError(f"checkpoint {tag} was saved inside an episode (param group {g}); call "
-                             "consolidate(engine) before saving a checkpoint to load on another world size")
-        if len({e for e, _, _ in seen}) > 1:
-            raise ValueError(f"param group {g} holds tensors at different episodes: {sorted(seen)}")
-        episodes[g] = next(iter(seen))[0] if seen else 0
-    return episodes
+    try:
+        return restart_episodes_of(sd)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {tag}: {err} (consolidate(engine) in this module)") from None
 
 
 # -- the shared-memory comm op ----------------------------------------------------------

@@ -299,10 +299,7 @@ def test_consolidated_checkpoint_loads_on_another_world_size(runs, name):
     with torch.no_grad():
         for p, q in zip(cont.master.parameters(), ref.master.parameters()):
             p.copy_(q)
-    for g in cont.opt.param_groups:  # a fresh optimizer whose tensors start at that episode
-        if g["gmixout"]:
-            for w in g["params"]:
-                cont.opt.state[w] = {"episode": episode, "episode_step": 0}
+    cont.opt.restart_episodes(episode)  # a fresh optimizer whose tensors start at that episode
     cont.run(C.STEPS, C.STEPS + C.EXTRA)
     _assert_close(rec["continued"], cont.weights(), TOL[False], f"{name}: training on after the load")
 

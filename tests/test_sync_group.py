@@ -77,31 +77,26 @@ def _dtensor_worker(rank: int, init_file: str, results) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from gmixout_optim.integrations import fsdp
+    from gmixout_optim import Segment
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         w = torch.nn.Parameter(distribute_tensor(torch.randn(64, 8), mesh, [Shard(0)]))
         w.grad = distribute_tensor(torch.randn(64, 8), mesh, [Shard(0)])
-        opt = GMixoutOptimizer([w], lr=1e-2, p=0.5)
-        try:
-            opt.step()
-            results["error"] = None
-        except ValueError as err:
-            results["error"] = str(err)
-        fsdp.attach(opt)
+        opt = GMixoutOptimizer([w], lr=1e-2, p=0.5)  # no attach: the optimizer sees the DTensor
         before = w.to_local().clone()
         opt.step()
-        results["changed_after_attach"] = bool((w.to_local() != before).any())
+        results["changed"] = bool((w.to_local() != before).any())
+        results["segments"] = [tuple(s) for s in opt.state[w]["segments"]]
+        results["expected"] = [tuple(Segment(0, 512, 0, 0))]
     finally:
         dist.destroy_process_group()
 
 
-def test_dtensor_without_locator_is_refused_until_attached(tmp_path):
-    """A DTensor shard keyed as if it started at offset 0 would draw the wrong support on every
-    rank but the first: the optimizer refuses it and names the call that fixes it."""
+def test_dtensor_is_located_without_attach(tmp_path):
+    """FSDP2 needs no extra call: a DTensor parameter trains at once, keyed by its global offsets."""
     results = mp.Manager().dict()
     launch.spawn(_dtensor_worker, args=(str(tmp_path / "init-dtensor"), results), nprocs=1, timeout=120)
-    assert results["error"] is not None and "fsdp.attach" in results["error"]
-    assert results["changed_after_attach"]
+    assert results["changed"]
+    assert results["segments"] == results["expected"]

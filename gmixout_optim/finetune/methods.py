@@ -43,6 +43,8 @@ import copy
 import torch
 from torch import nn
 
+from .. import hparams
+
 TRAINED = ("full_ft", "ema", "wise_ft", "lora", "mixout", "gmixout", "random_mask", "lp_ft", "linear_probe",
            "zero_shot")
 POSTHOC = ("soup_uniform", "soup_greedy", "wise_ft_fixed")  # built from full_ft runs by posthoc.py
@@ -114,6 +116,8 @@ def method_params(name: str, overrides: dict | None = None) -> dict:
         if k not in hp:
             raise ValueError(f"method {name!r} has no parameter {k!r}; allowed: {', '.join(sorted(hp))}")
         hp[k] = v
+    if name == "gmixout":  # GMixout's own keys go through the one table, before any run starts
+        hparams.check_kwargs(hp, " (method gmixout)", names=hparams.HPARAMS)
     return hp
 
 

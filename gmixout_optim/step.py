@@ -1,0 +1,258 @@
+"""The step's functional core and the one resolver of its implementations.
+
+:func:`resolve` decides, per GMixout tensor, how its step runs:
+
+- ``"fused"``: one fused Triton kernel does the gather, the Adam/AdamW update of the residual
+  and the write-back (CUDA or a forced Triton backend, inner optimizer ``Adam``/``AdamW``
+  without amsgrad/maximize/capturable/differentiable);
+- ``"triton"`` or ``"torch"``: per-op kernels (gather, write, anchor, merge, draw) of that
+  implementation, the inner optimizer stepping the residual.
+
+Triton runs when ``kernels.set_backend`` / ``GMIXOUT_BACKEND`` says so, or on CUDA tensors under
+``"auto"`` (see docs/kernels.md). Every kernel call of the optimizer goes through
+:func:`kernels_for` or :func:`resolve`, never through the per-call dispatchers.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import MutableMapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+
+from .kernels import adamw as _adamw
+from .kernels import gather as _gather
+from .kernels import merge as _merge
+from .kernels import support as _support
+from .kernels import write as _write
+from .kernels._dispatch import use_triton
+from .sharding import local
+from .state import SUPPORT_SIZE, support_indices
+
+__all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "collect", "Work", "gather_grads", "all_finite",
+           "gmixout_step", "inner_step", "initialize_inner"]
+
+
+class Kernels(NamedTuple):
+    """One implementation of every per-tensor op (same signatures as ``kernels``' dispatchers)."""
+
+    draw_support: Callable
+    gather_grad: Callable
+    support_anchor: Callable
+    write_weights: Callable
+    merge_episode: Callable
+    fused_adamw_step: Callable
+
+
+TORCH = Kernels(_support.draw_support_torch, _gather.gather_grad_torch, _write.support_anchor_torch,
+                _write.write_weights_torch, _merge.merge_episode_torch, _adamw.fused_adamw_step_torch)
+TRITON = Kernels(_support.draw_support_triton, _gather.gather_grad_triton, _write.support_anchor_triton,
+                 _write.write_weights_triton, _merge.merge_episode_triton, _adamw.fused_adamw_step_triton)
+
+_NOT_FUSABLE = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+def kernels_for(t: torch.Tensor | torch.device) -> Kernels:
+    """The implementation for tensors on ``t``'s device under the current kernel backend."""
+    return TRITON if use_triton(t) else TORCH
+
+
+def resolve(w: torch.Tensor, group: dict, inner: torch.optim.Optimizer) -> tuple[str, Kernels]:
+    """``("fused" | "triton" | "torch", kernels)`` for GMixout tensor ``w`` of ``group``."""
+    kernels = kernels_for(local(w))
+    if kernels is TRITON:
+        adam = type(inner) in (torch.optim.Adam, torch.optim.AdamW)
+        if adam and not any(group.get(k) for k in _NOT_FUSABLE):
+            return "fused", kernels
+        return "triton", kernels
+    return "torch", kernels
+
+
+def collect(param_groups: list[dict]) -> tuple[list, list]:
+    """``(sparse, dense)``: ``(w, group, group index, index)`` of each GMixout tensor with a
+    gradient, and the other parameters with one."""
+    sparse, dense = [], []
+    for gi, group in enumerate(param_groups):
+        for i, w in enumerate(group["params"]):
+            if w.grad is None:
+                continue
+            if w.grad.is_sparse:
+                raise TypeError(f"GMixoutOptimizer does not support sparse gradients "
+                                f"(param group {gi}, parameter {i}, layout {w.grad.layout})")
+            if group["gmixout"]:
+                sparse.append((w, group, gi, i))
+            else:
+                dense.append(w)
+    return sparse, dense
+
+
+class Work(NamedTuple):
+    """One GMixout tensor with a gradient this step."""
+
+    w: torch.Tensor
+    st: dict
+    group: dict
+    impl: str
+    kernels: Kernels
+
+
+def _keep(group: dict) -> float:
+    return 1.0 - group["p"]
+
+
+def gather_grads(unfused: list[Work]) -> None:
+    """``residual.grad = grad[S] / keep`` for the tensors the inner optimizer steps."""
+    for item in unfused:
+        residual = item.st["residual"]
+        residual.grad = torch.empty_like(residual)
+        item.kernels.gather_grad(local(item.w.grad).view(-1), item.st["support"], item.st[SUPPORT_SIZE],
+                                 _keep(item.group), residual.grad)
+
+
+def all_finite(unfused: list[Work], fused: list[Work], dense: list[torch.Tensor]) -> bool:
+    """Whether every gradient the step uses (support gradients, dense gradients) is finite."""
+    grads = [item.st["residual"].grad for item in unfused]
+    grads += [local(item.w.grad).view(-1)[support_indices(item.st)] for item in fused]
+    grads += [local(w.grad) for w in dense]
+    grads = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
+    if not grads:
+        return True
+    # max |g| per tensor is inf or nan iff the tensor holds one: one foreach op, one sync per device.
+    by_device: dict[torch.device, list] = defaultdict(list)
+    for norm in torch._foreach_norm(grads, float("inf")):
+        by_device[norm.device].append(norm.float())
+    return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values())
+
+
+def _support_anchor(item: Work) -> torch.Tensor:
+    st = item.st
+    if "anchor" in st:
+        return st["anchor"][: st[SUPPORT_SIZE]]
+    return item.kernels.support_anchor(local(item.w).view(-1), st["support"], st[SUPPORT_SIZE], st["residual"],
+                                       _keep(item.group))
+
+
+class ResidualGroup(MutableMapping):
+    """A param group as the inner optimizer sees it during a step: ``params`` are residuals,
+    every other key reads and writes the user's group (so scheduler / engine edits of lr,
+    betas, ... apply, and what the inner optimizer writes persists)."""
+
+    def __init__(self, group: dict, residuals: list[torch.Tensor]) -> None:
+        self.group, self.residuals = group, residuals
+
+    def __getitem__(self, key: str) -> Any:
+        return self.residuals if key == "params" else self.group[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "params":
+            raise KeyError("the residual view's params are the optimizer's to choose")
+        self.group[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.group[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.group)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+
+@contextmanager
+def _inner_sees(inner: torch.optim.Optimizer, views: list) -> Iterator[None]:
+    # The inner optimizer's own list is the user's param_groups (shared): show it the views for
+    # the length of one call; the user's group dicts are never modified.
+    groups = inner.param_groups
+    inner.param_groups = views
+    try:
+        yield
+    finally:
+        inner.param_groups = groups
+
+
+def inner_step(inner: torch.optim.Optimizer, state: dict, skip: set = frozenset()) -> None:
+    """Step the inner optimizer on the residuals (GMixout groups) and the dense parameters."""
+    views = []
+    for group in inner.param_groups:
+        if group["gmixout"]:
+            residuals = [state[w]["residual"] for w in group["params"]
+                         if w not in skip and "residual" in state.get(w, {})]
+            views.append(ResidualGroup(group, residuals))
+        else:
+            views.append(group)
+    with _inner_sees(inner, views):
+        inner.step()
+
+
+def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
+    st, group = item.st, item.group
+    residual = st["residual"]
+    inner_state = state[residual]
+    if not inner_state:
+        inner_state["step"] = torch.tensor(0.0)
+        inner_state["exp_avg"] = torch.zeros_like(residual)
+        inner_state["exp_avg_sq"] = torch.zeros_like(residual)
+    inner_state["step"] += 1
+    beta1, beta2 = group["betas"]
+    decoupled = isinstance(inner, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+    item.kernels.fused_adamw_step(
+        local(item.w).view(-1), local(item.w.grad).view(-1), st["support"], st[SUPPORT_SIZE], residual,
+        inner_state["exp_avg"], inner_state["exp_avg_sq"], st.get("anchor"),
+        step=int(inner_state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
+        beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+        decoupled=bool(decoupled), keep=_keep(group))
+
+
+def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work], fused: list[Work],
+                 dense: list[torch.Tensor]) -> None:
+    """One decided step: the inner optimizer updates the unfused residuals (their gradients
+    gathered) and the dense parameters, ``W = A + v/keep`` is written on their supports, and the
+    fused kernel steps the rest."""
+    anchors = [_support_anchor(item) for item in unfused]  # A[S] before v changes
+    if unfused or dense:
+        inner_step(inner, state, skip={item.w for item in fused})
+    for item, anchor in zip(unfused, anchors):
+        st = item.st
+        item.kernels.write_weights(local(item.w).view(-1), st["support"], st[SUPPORT_SIZE], anchor,
+                                   st["residual"], _keep(item.group))
+        st["residual"].grad = None
+    for item in fused:
+        _fused_adamw(item, state, inner)
+
+
+def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work],
+                     dense: list[torch.Tensor]) -> None:
+    """Create the inner state without changing a weight or counting a step.
+
+    Engines probe an optimizer with an all-zero-gradient step (DeepSpeed ZeRO-3 at init,
+    DCP's ``_init_optim_state``) to lay out its state. The inner optimizer steps with lr 0
+    and zero residual gradients, dense weights are restored, and its step counters are
+    zeroed, so the next real step is the first one.
+    """
+    for item in work:
+        residual = item.st["residual"]
+        residual.grad = torch.zeros_like(residual)
+    saved_weights = [w.detach().clone() for w in dense]
+    saved_lrs = []
+    for group in inner.param_groups:
+        saved_lrs.append(group.get("lr"))
+        if "lr" in group:
+            group["lr"] = torch.zeros_like(group["lr"]) if torch.is_tensor(group["lr"]) else 0.0
+    try:
+        inner_step(inner, state)
+    finally:
+        for group, lr in zip(inner.param_groups, saved_lrs):
+            if lr is not None:
+                group["lr"] = lr
+    for w, saved in zip(dense, saved_weights):
+        w.copy_(saved)
+    for t in [item.st["residual"] for item in work] + list(dense):
+        inner_state = state.get(t, {})
+        step = inner_state.get("step")
+        if torch.is_tensor(step):
+            step.zero_()
+        elif step is not None:
+            inner_state["step"] = 0
+    for item in work:
+        item.st["residual"].grad = None
