@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, episode, hparams, sharding
+from . import checkpoint, episode, grouped, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
 from .state import drop_compact, support_indices
@@ -65,7 +65,9 @@ class GMixoutOptimizer(Optimizer):
     Non-finite gradients: with ``skip_nonfinite=True`` (default) a step whose gradients
     on the support (or on a dense parameter) hold inf/nan is skipped as a whole: no
     weight, state or counter changes, and ``skipped_steps`` counts it (as a loss scaler
-    would). With ``False`` no check is made (one device sync less per step).
+    would). With ``False`` no check is made (one device sync less per step). On the grouped
+    GPU path (see docs/DESIGN.md) the check stays on the device and the count and warning
+    come one step late; reading ``skipped_steps`` waits for the last verdict.
 
     Args:
         params: parameters or param groups, or an existing torch optimizer to wrap.
@@ -134,6 +136,16 @@ class GMixoutOptimizer(Optimizer):
     def seed(self) -> int:
         """The seed of the support draws."""
         return self._seed
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (waits for a grouped step's pending verdict)."""
+        grouped.settle(self)
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = value
 
     @property
     def param_groups(self) -> list[dict]:
@@ -251,6 +263,10 @@ class GMixoutOptimizer(Optimizer):
             work.append(Work(w, st, group, *resolve(w, group, self._inner)))
         fused = [item for item in work if item.impl == "fused"]
         unfused = [item for item in work if item.impl != "fused"]
+        if not init_only and grouped.takes(fused, unfused, dense):
+            if grouped.step(self, fused, dense, sync):
+                self._count_step(sparse, work)
+            return loss
         gather_grads(unfused)
         finite = init_only or not self._skip_nonfinite or all_finite(unfused, fused, dense)
         init_only, finite = sharding.agree(sync, init_only, finite)
@@ -265,6 +281,11 @@ class GMixoutOptimizer(Optimizer):
                           f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
             return loss
         gmixout_step(self._inner, self._state, unfused, fused, dense)
+        self._count_step(sparse, work)
+        return loss
+
+    def _count_step(self, sparse: list, work: list[Work]) -> None:
+        """Advance the episode counters of the tensors stepped; merge and redraw where one ends."""
         for (w, group, gi, i), item in zip(sparse, work):
             item.st["episode_step"] += 1
             if item.st["episode_step"] >= group["resample_every"]:
@@ -272,7 +293,6 @@ class GMixoutOptimizer(Optimizer):
                 item.st["episode"] += 1
                 item.st["episode_step"] = 0
                 self._start_episode(w, item.st, group, gi, i)
-        return loss
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
         if not sharding.local(w).is_contiguous():
@@ -335,6 +355,7 @@ class GMixoutOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch's layout (state keyed by position in ``param_groups``) plus a ``gmixout`` block;
         DTensor parameters' compact state as DTensors (see :mod:`gmixout_optim.checkpoint`)."""
+        grouped.settle(self)  # episode counters of grouped steps whose verdict is pending
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = checkpoint.state_dict(self)
