@@ -42,14 +42,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .kernels import TensorGroup, fused_adamw_step_grouped, gather_grad_grouped
+from .episode import merge_coefficient
+from .kernels import (RemapPlan, SupportPlan, TensorGroup, draw_support_grouped, fused_adamw_step_grouped,
+                      gather_grad_grouped, merge_episode_grouped, read_anchor_grouped, remap_state_grouped)
 from .kernels._dispatch import note
 from .kernels._table import upload
 from .sharding import agree, agrees_alone, local
 from .state import SUPPORT_SIZE
 from .step import Work, adam_hyperparameters, adam_state, inner_step
 
-__all__ = ["set_enabled", "is_enabled", "takes", "step", "settle"]
+__all__ = ["set_enabled", "is_enabled", "takes", "step", "redraw", "settle"]
 
 _enabled = True
 _ATTR = "_grouped_cache"  # the optimizer's cache (see _cache)
@@ -82,6 +84,7 @@ class _Lane:
         sizes = [item.st[SUPPORT_SIZE] for item in items]
         self.group = TensorGroup([local(item.w).view(-1) for item in items], [item.st["support"] for item in items],
                                  [1.0 - item.group["p"] for item in items], upload(sizes, torch.int64, device))
+        self.plans: tuple[SupportPlan, RemapPlan] | None = None  # built at the lane's first grouped redraw
         self.compact: list[torch.Tensor] | None = None
         self.steps: torch.Tensor | None = None
         self.step_views: list[torch.Tensor] = []
@@ -117,8 +120,9 @@ class _Lane:
 class _Cache:
     def __init__(self) -> None:
         self.lanes: dict[tuple, _Lane] = {}
-        self.flags: dict[torch.device, torch.Tensor] = {}
+        self.flags: dict = {}  # the non-finite flag (and a constant 1) per device
         self.pending: list[_Pending] = []
+        self.stepped: list[tuple[_Lane, list[Work]]] | None = None  # the lanes of the step being counted
 
 
 def _cache(opt) -> _Cache:
@@ -144,13 +148,18 @@ def _lanes(cache: _Cache, fused: list[Work], device: torch.device) -> list[tuple
         by_lane.setdefault(lane_id, []).append(item)
     lanes = {}
     for lane_id, items in by_lane.items():
-        key = tuple((id(it.w), local(it.w).data_ptr(), local(it.w).numel(), id(it.st["support"]),
-                     it.st["support"].data_ptr(), it.st["support"].numel(), it.st[SUPPORT_SIZE], it.group["p"])
-                    for it in items)
+        key = _key(items)
         lane = cache.lanes.get(lane_id)
         lanes[lane_id] = lane if lane is not None and lane.key == key else _Lane(items, key, device)
     cache.lanes = lanes  # lanes not stepped now are dropped (and their tensors released)
     return [(lanes[lane_id], items) for lane_id, items in by_lane.items()]
+
+
+def _key(items: list[Work]) -> tuple:
+    """What a lane's tables depend on: each weight's and support's identity, address and size."""
+    return tuple((id(it.w), local(it.w).data_ptr(), local(it.w).numel(), id(it.st["support"]),
+                  it.st["support"].data_ptr(), it.st["support"].numel(), it.st[SUPPORT_SIZE], it.group["p"])
+                 for it in items)
 
 
 def _flag(cache: _Cache, device: torch.device) -> torch.Tensor:
@@ -159,6 +168,13 @@ def _flag(cache: _Cache, device: torch.device) -> torch.Tensor:
         flag = cache.flags[device] = torch.empty(1, dtype=torch.float32, device=device)
     note("launch", "found_inf")
     return flag.zero_()
+
+
+def _one(cache: _Cache, device: torch.device) -> torch.Tensor:
+    one = cache.flags.get((device, "one"))
+    if one is None:
+        one = cache.flags[(device, "one")] = torch.ones(1, dtype=torch.float32, device=device)
+    return one
 
 
 def _read_now(flag: torch.Tensor) -> bool:
@@ -211,6 +227,7 @@ def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
     """Run the step grouped; False if it was skipped (known now, already counted), True if it ran
     or its verdict is pending (the caller counts the step; :func:`settle` may take it back)."""
     cache = _cache(opt)
+    cache.stepped = None
     settle(opt, wait=False)
     inner, state = opt.inner, opt.state
     device = local(fused[0].w).device
@@ -221,10 +238,13 @@ def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
         flag = _flag(cache, device)
         for lane, _ in lanes:
             gather_grad_grouped(lane.group, grads[id(lane)], lane.compact_grads(), flag)
-        dense_grads = [g for g in (local(w.grad) for w in dense) if g.numel()]
-        if dense_grads:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in (local(w.grad) for w in dense):
+            if g.numel():
+                by_dtype.setdefault(g.dtype, []).append(g)
+        for dense_grads in by_dtype.values():  # GradScaler's check (x * 1 is x), one dtype a call
             note("launch", "found_inf")
-            torch._amp_foreach_non_finite_check_and_unscale_(dense_grads, flag, torch.ones(1, device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_(dense_grads, flag, _one(cache, device))
     if dense or not agrees_alone(sync):
         # the inner optimizer's dense step cannot honour a device flag, and the ranks' vote is
         # read on the host by sharding.agree: decide now
@@ -251,15 +271,82 @@ def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
             **adam_hyperparameters(group, inner))
     if dense:
         inner_step(inner, state, skip={item.w for item in fused})
-    if found_inf is None:
-        return True
-    if any(item.st["episode_step"] + 1 >= item.group["resample_every"] for item in fused):
-        # this step may end an episode (counters may still count a skipped step: never too
-        # few): every verdict first, so the merge and the redraw happen at the right step
-        settle(opt, wait=True)
-        if _read_now(flag):
-            _count_skip(opt, late=False)
-            return False
-        return True
-    _defer(cache, flag, fused)
+    if found_inf is not None:
+        if any(item.st["episode_step"] + 1 >= item.group["resample_every"] for item in fused):
+            # this step may end an episode (counters may still count a skipped step: never too
+            # few): every verdict first, so the merge and the redraw happen at the right step
+            settle(opt, wait=True)
+            if _read_now(flag):
+                _count_skip(opt, late=False)
+                return False
+        else:
+            _defer(cache, flag, fused)
+    cache.stepped = lanes
+    return True
+
+
+def redraw(opt, ending: list[tuple]) -> list[tuple]:
+    """End the episodes of ``ending`` (``(w, group, gi, i, work)`` of each tensor whose episode
+    ended at this step) where a whole lane of the grouped step just taken ends together: one
+    merge launch, one draw (two launches and a scan), one remap launch and one host sync (the
+    sizes, for the capacity check and the host's ``support_size``) per lane. Returns the
+    tensors left to the per-tensor redraw (``episode.merge`` / ``episode.start``)."""
+    cache = vars(opt).get(_ATTR)
+    stepped, rest = (cache.stepped if cache is not None else None), list(ending)
+    if cache is not None:
+        cache.stepped = None
+    if not _enabled or not stepped or not ending:
+        return rest
+    by_st = {id(entry[4].st): entry for entry in ending}
+    for lane, items in stepped:
+        if all(id(item.st) in by_st for item in items) and _redraw_lane(opt, lane, items):
+            done = {id(item.st) for item in items}
+            rest = [entry for entry in rest if id(entry[4].st) not in done]
+    return rest
+
+
+def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
+    state, policy, group = opt.state, opt.state_policy, lane.group
+    inner_states = [state[item.st["residual"]] for item in items]
+    if any(set(s) != {"step", "exp_avg", "exp_avg_sq"} for s in inner_states):
+        return False  # an inner state the fused step did not lay out: the per-tensor rules apply
+    if lane.plans is None:
+        plan = SupportPlan([(item.st["segments"], item.st["support"].numel()) for item in items], group.keeps,
+                           group.device, index_dtype=group.index_dtype)
+        lane.plans = plan, RemapPlan(plan.capacities, group.device)
+    plan, remap_plan = lane.plans
+    episodes = [item.st["episode"] + 1 for item in items]
+    flat, n = draw_support_grouped(plan, opt.seed, episodes)
+    note("sync", "redraw")
+    sizes = n.tolist()  # the one sync of a redraw: the capacity check and the host's sizes
+    if any(m > cap for m, cap in zip(sizes, plan.capacities)):
+        return False  # ~1e-9 a draw: the per-tensor path grows the buffers (and says so)
+    residuals = [item.st["residual"] for item in items]
+    anchors = [item.st.get("anchor") for item in items]
+    merge_episode_grouped(group, residuals, anchors,
+                          [merge_coefficient(item.group, opt.merge_rule) for item in items])
+    if policy == "remap":
+        old = torch.cat(group.supports)
+        keys = ("exp_avg", "exp_avg_sq")
+        moved = [[torch.empty_like(s[k]) for s in inner_states] for k in keys]
+        remap_state_grouped(remap_plan, old, group.n, flat, n, [[s[k] for s in inner_states] for k in keys], moved)
+        for k, values in zip(keys, moved):
+            for s, value in zip(inner_states, values):
+                s[k] = value
+    elif policy == "carry":
+        for s, m in zip(inner_states, sizes):
+            s["exp_avg"][m:].zero_()
+            s["exp_avg_sq"][m:].zero_()
+    else:  # reset
+        for s in inner_states:
+            s.clear()
+    supports = plan.split(flat)
+    for item, support, m in zip(items, supports, sizes):
+        item.st.update(support=support, episode=item.st["episode"] + 1, episode_step=0)
+        item.st[SUPPORT_SIZE] = m
+    torch._foreach_zero_(residuals)
+    lane.group = TensorGroup(group.params, supports, group.keeps, n)
+    lane.key = _key(items)
+    if anchors[0] is not None:
+        read_anchor_grouped(lane.group, anchors)
     return True

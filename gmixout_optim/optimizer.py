@@ -286,13 +286,16 @@ class GMixoutOptimizer(Optimizer):
 
     def _count_step(self, sparse: list, work: list[Work]) -> None:
         """Advance the episode counters of the tensors stepped; merge and redraw where one ends."""
+        ending = []
         for (w, group, gi, i), item in zip(sparse, work):
             item.st["episode_step"] += 1
             if item.st["episode_step"] >= group["resample_every"]:
-                episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
-                item.st["episode"] += 1
-                item.st["episode_step"] = 0
-                self._start_episode(w, item.st, group, gi, i)
+                ending.append((w, group, gi, i, item))
+        for w, group, gi, i, item in grouped.redraw(self, ending):  # those it did not redraw grouped
+            episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
+            item.st["episode"] += 1
+            item.st["episode_step"] = 0
+            self._start_episode(w, item.st, group, gi, i)
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
         if not sharding.local(w).is_contiguous():
