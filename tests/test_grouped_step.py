@@ -47,6 +47,8 @@ def _grads(params, extra, t, nonfinite):
         p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype)
     if t in nonfinite:  # every element, so whatever the support, the step must be skipped
         params[2].grad.fill_(float("nan") if t % 2 else float("inf"))
+    if -t in nonfinite and extra:  # a dense gradient (the inner optimizer's) alone
+        extra[0].grad[1] = float("nan")
 
 
 def run(use_grouped, steps, dtype=torch.float32, dense=False, nonfinite=(), actions=None, start=None, **kw):
@@ -115,6 +117,13 @@ def test_grouped_step_equals_per_tensor(dtype, dense):
     # The grouped path decides on the device and reads the verdict one step later, except where
     # the host must decide at once: a dense parameter's step, or a step that can end an episode.
     assert fast[2] == ([2, 5] if dense else [2, 6])
+
+
+def test_a_nonfinite_dense_gradient_skips_the_grouped_step():
+    kw = dict(dense=True, nonfinite=(-1,))
+    fast, slow = run(True, 4, **kw), run(False, 4, **kw)
+    assert_same_run(fast, slow)
+    assert fast[2] == slow[2] == [1]
 
 
 def test_grouped_step_without_the_check():
