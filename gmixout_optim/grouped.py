@@ -1,21 +1,23 @@
-"""The grouped GPU step: a param group's fused tensors in one launch per op, no host sync.
+"""The grouped GPU step: a param group's tensors in one launch per op, no host sync.
 
-:func:`takes` says when it runs: every GMixout tensor with a gradient resolved ``"fused"`` by
-:func:`step.resolve` (Triton backend: CUDA tensors, or a forced ``"triton"``; an Adam/AdamW
-inner optimizer), all on one device, and not an init-only step. Otherwise the per-tensor path
-of :mod:`step` runs, unchanged.
+:func:`takes` says when it runs: every GMixout tensor with a gradient resolved to a Triton
+implementation by :func:`step.resolve` (CUDA tensors, or a forced ``"triton"`` backend), all on
+one device, and not an init-only step. Otherwise the per-tensor path of :mod:`step` runs,
+unchanged (the CPU / torch path always).
 
-A *lane* is the tensors of one param group that share a weight, gradient and index dtype. Per
-step and lane (``skip_nonfinite`` on):
+A *lane* is the tensors of one param group that share an implementation (``"fused"``: the
+Adam/AdamW kernel; ``"triton"``: the inner optimizer steps the residuals) and a weight,
+gradient and index dtype. Per step and lane:
 
-1. one fp32 device flag, zeroed once per step; ``gather_grad_grouped`` writes ``grad[S]/keep``
-   into a compact buffer and sets the flag on an inf/NaN; dense gradients set the same flag
-   (GradScaler's check);
-2. ``fused_adamw_step_grouped`` reads the compact gradients, the step counts, lr and the
-   support sizes on the device and honours the flag: a skipped step changes no weight, state
-   or step count.
-
-With ``skip_nonfinite`` off the fused step reads the gradients itself (one launch per lane).
+1. with ``skip_nonfinite``, one fp32 device flag, zeroed once per step; ``gather_grad_grouped``
+   writes ``grad[S]/keep`` into a compact buffer and sets the flag on an inf/NaN; dense
+   gradients set the same flag (GradScaler's check);
+2. fused: ``fused_adamw_step_grouped`` reads the compact gradients (without the check, the
+   gradients themselves), the step counts, lr and the support sizes on the device and honours
+   the flag: a skipped step changes no weight, state or step count;
+   unfused: the compact gradients are the residuals' ``.grad``; ``A[S]`` is read
+   (``support_anchor_grouped``, or the stored 16-bit anchor), the inner optimizer steps, and
+   ``write_weights_grouped`` writes ``W[S] = A[S] + v/keep``.
 
 The verdict is read without waiting for it: the flag is copied to pinned memory behind an
 event and read at a later step, so ``skipped_steps`` and the warning come one step late
@@ -23,17 +25,22 @@ event and read at a later step, so ``skipped_steps`` and the warning come one st
 once and step back when a late verdict says the step was skipped; a step that can end an
 episode first waits for every verdict (one sync per episode), so merges and redraws happen at
 exactly the per-tensor path's steps. The host decides at once, with one sync on the flag, when
-the inner optimizer also steps dense parameters (it cannot honour a device flag) or when
-sharded ranks must agree (``set_sync_group``).
+the inner optimizer steps anything (dense parameters, unfused lanes: it cannot honour a device
+flag) or when sharded ranks must agree (``set_sync_group``).
+
+At an episode's end, :func:`redraw` ends a lane whose tensors all end together: one merge, one
+grouped draw (supports bit for bit the per-tensor draw's), one remap of the inner state, and one
+host sync (the sizes: the capacity check and the host's ``support_size``).
 
 A lane's tables (:class:`~.kernels.TensorGroup`: pointers to the weights and supports, the
-sizes on the device), its compact gradient buffer and its step-count vector are cached and
-rebuilt when a tensor they point to is replaced (a redraw's new support, a capacity growth,
-``load_state_dict``, ``consolidate``, a parameter's new storage): the cache key is the identity
-and address of each such tensor, compared every step. The lane's tables hold those tensors,
-so an address in the key cannot be reused by another tensor while the lane lives. The step
-counts are one fp32 vector per lane; each residual's ``inner_state["step"]`` is a 0-d view
-of it (a checkpoint keeps torch AdamW's layout; a loaded count is copied into a new vector).
+sizes on the device), its compact buffers, draw and remap plans and step-count vector are cached
+and rebuilt when a tensor they point to is replaced (a per-tensor redraw's new support, a
+capacity growth, ``load_state_dict``, ``consolidate``, a parameter's new storage): the cache key
+is the identity and address of each such tensor, compared every step. The lane's tables hold
+those tensors, so an address in the key cannot be reused by another tensor while the lane
+lives. The step counts of a fused lane are one fp32 vector; each residual's
+``inner_state["step"]`` is a 0-d view of it (a checkpoint keeps torch AdamW's layout; a loaded
+count is copied into a new vector).
 """
 from __future__ import annotations
 
@@ -44,11 +51,13 @@ import torch
 
 from .episode import merge_coefficient
 from .kernels import (RemapPlan, SupportPlan, TensorGroup, draw_support_grouped, fused_adamw_step_grouped,
-                      gather_grad_grouped, merge_episode_grouped, read_anchor_grouped, remap_state_grouped)
+                      gather_grad_grouped, merge_episode_grouped, read_anchor_grouped, remap_state_grouped,
+                      support_anchor_grouped, write_weights_grouped)
+from .kernels._common import compute_dtype
 from .kernels._dispatch import note
 from .kernels._table import upload
 from .sharding import agree, agrees_alone, local
-from .state import SUPPORT_SIZE
+from .state import SUPPORT_SIZE, per_element_keys
 from .step import Work, adam_hyperparameters, adam_state, inner_step
 
 __all__ = ["set_enabled", "is_enabled", "takes", "step", "redraw", "settle"]
@@ -84,8 +93,10 @@ class _Lane:
         sizes = [item.st[SUPPORT_SIZE] for item in items]
         self.group = TensorGroup([local(item.w).view(-1) for item in items], [item.st["support"] for item in items],
                                  [1.0 - item.group["p"] for item in items], upload(sizes, torch.int64, device))
+        self.fused = items[0].impl == "fused"  # else the inner optimizer steps the residuals
         self.plans: tuple[SupportPlan, RemapPlan] | None = None  # built at the lane's first grouped redraw
         self.compact: list[torch.Tensor] | None = None
+        self.anchors: list[torch.Tensor] | None = None
         self.steps: torch.Tensor | None = None
         self.step_views: list[torch.Tensor] = []
 
@@ -96,6 +107,14 @@ class _Lane:
             flat = torch.empty(sum(g.capacities), dtype=torch.float32, device=g.device)
             self.compact = list(torch.split(flat, g.capacities))
         return self.compact
+
+    def anchor_values(self, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``A[S]`` before the inner step: computed for fp32/fp64 weights, stored for 16-bit ones."""
+        g = self.group
+        if self.anchors is None:
+            flat = torch.empty(sum(g.capacities), dtype=compute_dtype(g.dtype), device=g.device)
+            self.anchors = list(torch.split(flat, g.capacities))
+        return support_anchor_grouped(g, residuals, self.anchors)
 
     def step_counts(self, inner_states: list[dict]) -> torch.Tensor:
         """The lane's step-count vector, every ``inner_state["step"]`` a view of it."""
@@ -134,17 +153,19 @@ def _cache(opt) -> _Cache:
 
 def takes(fused: list[Work], unfused: list[Work], dense: list[torch.Tensor]) -> bool:
     """Whether this step runs grouped (see the module docstring; init-only steps are the caller's)."""
-    if not _enabled or unfused or not fused:
+    work = fused + unfused
+    if not _enabled or not work or any(item.impl not in ("fused", "triton") for item in work):
         return False
-    device = local(fused[0].w).device
-    return (all(local(item.w).device == device for item in fused)
+    device = local(work[0].w).device
+    return (all(local(item.w).device == device for item in work)
             and all(local(w.grad).device == device for w in dense))
 
 
 def _lanes(cache: _Cache, fused: list[Work], device: torch.device) -> list[tuple[_Lane, list[Work]]]:
     by_lane: dict[tuple, list[Work]] = {}
     for item in fused:
-        lane_id = (id(item.group), item.w.dtype, item.w.grad.dtype, item.st["support"].dtype, "anchor" in item.st)
+        lane_id = (id(item.group), item.impl, item.w.dtype, item.w.grad.dtype, item.st["support"].dtype,
+                   "anchor" in item.st)
         by_lane.setdefault(lane_id, []).append(item)
     lanes = {}
     for lane_id, items in by_lane.items():
@@ -223,21 +244,22 @@ def _defer(cache: _Cache, flag: torch.Tensor, fused: list[Work]) -> None:
     cache.pending.append(_Pending(value, event, [(item.w, item.st, item.st["episode"]) for item in fused]))
 
 
-def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
+def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
     """Run the step grouped; False if it was skipped (known now, already counted), True if it ran
     or its verdict is pending (the caller counts the step; :func:`settle` may take it back)."""
     cache = _cache(opt)
     cache.stepped = None
     settle(opt, wait=False)
     inner, state = opt.inner, opt.state
-    device = local(fused[0].w).device
-    lanes = _lanes(cache, fused, device)
+    work = fused + unfused
+    device = local(work[0].w).device
+    lanes = _lanes(cache, work, device)
     grads = {id(lane): [local(item.w.grad).view(-1) for item in items] for lane, items in lanes}
-    flag = None
-    if opt._skip_nonfinite:
-        flag = _flag(cache, device)
-        for lane, _ in lanes:
+    flag = _flag(cache, device) if opt._skip_nonfinite else None
+    for lane, _ in lanes:  # a fused lane without the check reads the gradients itself
+        if flag is not None or not lane.fused:
             gather_grad_grouped(lane.group, grads[id(lane)], lane.compact_grads(), flag)
+    if flag is not None:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in (local(w.grad) for w in dense):
             if g.numel():
@@ -245,9 +267,9 @@ def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
         for dense_grads in by_dtype.values():  # GradScaler's check (x * 1 is x), one dtype a call
             note("launch", "found_inf")
             torch._amp_foreach_non_finite_check_and_unscale_(dense_grads, flag, _one(cache, device))
-    if dense or not agrees_alone(sync):
-        # the inner optimizer's dense step cannot honour a device flag, and the ranks' vote is
-        # read on the host by sharding.agree: decide now
+    if dense or unfused or not agrees_alone(sync):
+        # the inner optimizer's step cannot honour a device flag, and the ranks' vote is read on
+        # the host by sharding.agree: decide now
         finite = flag is None or not _read_now(flag)
         if not agrees_alone(sync):
             _, finite = agree(sync, False, finite)
@@ -257,9 +279,16 @@ def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
         found_inf = None
     else:
         found_inf = flag
+    stepped_by_inner = []  # (lane, residuals, A[S]) of the lanes the inner optimizer steps
     for lane, items in lanes:
         group = items[0].group
         residuals = [item.st["residual"] for item in items]
+        if not lane.fused:
+            for residual, g in zip(residuals, lane.compact_grads()):
+                residual.grad = g
+            anchors = [item.st["anchor"] for item in items] if "anchor" in items[0].st else lane.anchor_values(residuals)
+            stepped_by_inner.append((lane, residuals, anchors))
+            continue
         inner_states = [adam_state(state, r) for r in residuals]
         lr = group["lr"]
         lr = lr if torch.is_tensor(lr) and lr.device == device and lr.numel() == 1 else float(lr)
@@ -269,8 +298,12 @@ def step(opt, fused: list[Work], dense: list[torch.Tensor], sync: Any) -> bool:
             [item.st.get("anchor") for item in items], steps=lane.step_counts(inner_states), lr=lr,
             compact_grads=lane.compact_grads() if flag is not None else None, found_inf=found_inf,
             **adam_hyperparameters(group, inner))
-    if dense:
+    if dense or stepped_by_inner:
         inner_step(inner, state, skip={item.w for item in fused})
+    for lane, residuals, anchors in stepped_by_inner:
+        write_weights_grouped(lane.group, anchors, residuals)
+        for residual in residuals:
+            residual.grad = None
     if found_inf is not None:
         if any(item.st["episode_step"] + 1 >= item.group["resample_every"] for item in fused):
             # this step may end an episode (counters may still count a skipped step: never too
@@ -307,9 +340,13 @@ def redraw(opt, ending: list[tuple]) -> list[tuple]:
 
 def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
     state, policy, group = opt.state, opt.state_policy, lane.group
-    inner_states = [state[item.st["residual"]] for item in items]
-    if any(set(s) != {"step", "exp_avg", "exp_avg_sq"} for s in inner_states):
-        return False  # an inner state the fused step did not lay out: the per-tensor rules apply
+    inner_states = [state.get(item.st["residual"], {}) for item in items]
+    caps = group.capacities
+    keys = [per_element_keys(s, cap) for s, cap in zip(inner_states, caps)]
+    if any(k != keys[0] or set(s) != set(inner_states[0]) for k, s in zip(keys, inner_states)) or any(
+            s[k].dtype != torch.float32 for s in inner_states for k in keys[0]):
+        return False  # inner states of different layouts: the per-tensor rules apply
+    keys = keys[0]
     if lane.plans is None:
         plan = SupportPlan([(item.st["segments"], item.st["support"].numel()) for item in items], group.keeps,
                            group.device, index_dtype=group.index_dtype)
@@ -325,9 +362,10 @@ def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
     anchors = [item.st.get("anchor") for item in items]
     merge_episode_grouped(group, residuals, anchors,
                           [merge_coefficient(item.group, opt.merge_rule) for item in items])
-    if policy == "remap":
+    if not inner_states[0]:
+        pass  # nothing to carry (the per-tensor path's rule too)
+    elif policy == "remap":
         old = torch.cat(group.supports)
-        keys = ("exp_avg", "exp_avg_sq")
         moved = [[torch.empty_like(s[k]) for s in inner_states] for k in keys]
         remap_state_grouped(remap_plan, old, group.n, flat, n, [[s[k] for s in inner_states] for k in keys], moved)
         for k, values in zip(keys, moved):
@@ -335,8 +373,8 @@ def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
                 s[k] = value
     elif policy == "carry":
         for s, m in zip(inner_states, sizes):
-            s["exp_avg"][m:].zero_()
-            s["exp_avg_sq"][m:].zero_()
+            for k in keys:
+                s[k][m:].zero_()
     else:  # reset
         for s in inner_states:
             s.clear()

@@ -264,7 +264,7 @@ class GMixoutOptimizer(Optimizer):
         fused = [item for item in work if item.impl == "fused"]
         unfused = [item for item in work if item.impl != "fused"]
         if not init_only and grouped.takes(fused, unfused, dense):
-            if grouped.step(self, fused, dense, sync):
+            if grouped.step(self, fused, unfused, dense, sync):
                 self._count_step(sparse, work)
             return loss
         gather_grads(unfused)

@@ -36,9 +36,13 @@ def _model(dtype, dense):
     return params, extra
 
 
-def _optimizer(params, extra=(), **kw):
+INNERS = {"AdamW": dict(lr=1e-2, weight_decay=0.1),  # the fused step
+          "SGD": dict(lr=0.05, momentum=0.9, weight_decay=1e-3)}  # the inner optimizer steps v
+
+
+def _optimizer(params, extra=(), inner="AdamW", **kw):
     groups = [{"params": params}] + ([{"params": list(extra), "gmixout": False}] if extra else [])
-    return GMixoutOptimizer(groups, inner="AdamW", p=0.5, resample_every=K, lr=1e-2, weight_decay=0.1, seed=3, **kw)
+    return GMixoutOptimizer(groups, inner=inner, p=0.5, resample_every=K, seed=3, **INNERS[inner], **kw)
 
 
 def _grads(params, extra, t, nonfinite):
@@ -100,23 +104,25 @@ def assert_same_run(a, b):
                 assert va == vb, (pid, key, va, vb)
 
 
-@pytest.mark.parametrize("dtype, dense", [(torch.float32, False), (torch.bfloat16, True)])
-def test_grouped_step_equals_per_tensor(dtype, dense):
+@pytest.mark.parametrize("dtype, dense, inner", [(torch.float32, False, "AdamW"), (torch.bfloat16, True, "AdamW"),
+                                                (torch.float32, False, "SGD"), (torch.bfloat16, False, "SGD")])
+def test_grouped_step_equals_per_tensor(dtype, dense, inner):
     """Two and a half episodes with non-finite steps at an episode's last step (2) and mid-episode
     (5), a parameter given new storage (the cached pointer tables must follow) and a
-    consolidate mid-episode; 16-bit weights (stored anchor) with a dense parameter too."""
+    consolidate mid-episode; 16-bit weights (stored anchor) with a dense parameter too; an inner
+    optimizer that is not fused (SGD: grouped gather, anchor and write around its step)."""
     def new_storage(opt, params):
         params[0].data = params[0].data.clone()
 
     actions = {6: new_storage, 7: lambda opt, params: opt.consolidate()}
-    kw = dict(dtype=dtype, dense=dense, nonfinite=(2, 5), actions=actions)
+    kw = dict(dtype=dtype, dense=dense, nonfinite=(2, 5), actions=actions, inner=inner)
     fast, slow = run(True, 9, **kw), run(False, 9, **kw)
     assert_same_run(fast, slow)
     assert fast[3].skipped_steps == slow[3].skipped_steps == 2
     assert slow[2] == [2, 5]
     # The grouped path decides on the device and reads the verdict one step later, except where
     # the host must decide at once: a dense parameter's step, or a step that can end an episode.
-    assert fast[2] == ([2, 5] if dense else [2, 6])
+    assert fast[2] == ([2, 5] if dense or inner == "SGD" else [2, 6])
 
 
 def test_a_nonfinite_dense_gradient_skips_the_grouped_step():
@@ -225,3 +231,21 @@ def test_state_policies_equal_per_tensor(policy):
     """The grouped redraw's ``carry`` and ``reset`` (``remap`` runs in the tests above)."""
     kw = dict(state_policy=policy, nonfinite=(4,))
     assert_same_run(run(True, 7, **kw), run(False, 7, **kw))
+
+
+def test_an_unfused_grouped_step_is_one_launch_per_op():
+    """SGD steps the residuals itself: per lane one gather, one anchor read and one write around
+    it, and the flag read on the host before it (a sync on a GPU: SGD cannot honour it)."""
+    grouped.set_enabled(True)
+    params, _ = _model(torch.float32, False)
+    opt = _optimizer(params, inner="SGD")
+    for t in range(2):
+        _grads(params, [], t, ())
+        if t == 1:
+            with kernels.record() as events:
+                opt.step()
+        else:
+            opt.step()
+    counts = {key: n for key, n in events.items() if key[1] != "copy"}
+    assert counts == {("launch", "found_inf"): 1, ("launch", "gather"): 1, ("launch", "anchor"): 1,
+                      ("launch", "write"): 1, **({("sync", "found_inf"): 1} if DEVICE == "cuda" else {})}
