@@ -26,7 +26,8 @@ once and step back when a late verdict says the step was skipped; a step that ca
 episode first waits for every verdict (one sync per episode), so merges and redraws happen at
 exactly the per-tensor path's steps. The host decides at once, with one sync on the flag, when
 the inner optimizer steps anything (dense parameters, unfused lanes: it cannot honour a device
-flag) or when sharded ranks must agree (``set_sync_group``).
+flag). Sharded ranks (``set_sync_group``) all-reduce the flag where ``sharding.agree`` votes,
+without reading it (or read it when that is another device).
 
 At an episode's end, :func:`redraw` ends a lane whose tensors all end together: one merge, one
 grouped draw (supports bit for bit the per-tensor draw's), one remap of the inner state, and one
@@ -56,7 +57,7 @@ from .kernels import (RemapPlan, SupportPlan, TensorGroup, draw_support_grouped,
 from .kernels._common import compute_dtype
 from .kernels._dispatch import note
 from .kernels._table import upload
-from .sharding import agree, agrees_alone, local
+from .sharding import agree, agrees_alone, local, vote_device
 from .state import SUPPORT_SIZE, per_element_keys
 from .step import Work, adam_hyperparameters, adam_state, inner_step
 
@@ -198,6 +199,19 @@ def _one(cache: _Cache, device: torch.device) -> torch.Tensor:
     return one
 
 
+def _agree_on_device(cache: _Cache, sync: Any, flag: torch.Tensor) -> torch.Tensor | None:
+    """The ranks' verdict, all-reduced where it lies without reading it: the same two votes as
+    ``sharding.agree`` (this rank steps: not an init-only step; the flag: not finite), so ranks
+    taking either path make matching calls. None where the votes go elsewhere (the host decides)."""
+    import torch.distributed as dist
+    if vote_device(sync) != flag.device:
+        return None
+    votes = torch.cat([_one(cache, flag.device), flag])
+    note("launch", "found_inf", 2)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=sync)
+    return votes[1:]
+
+
 def _read_now(flag: torch.Tensor) -> bool:
     """The flag's value on the host (a sync on a GPU): True if a gradient was not finite."""
     if flag.device.type != "cpu":
@@ -267,9 +281,12 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
         for dense_grads in by_dtype.values():  # GradScaler's check (x * 1 is x), one dtype a call
             note("launch", "found_inf")
             torch._amp_foreach_non_finite_check_and_unscale_(dense_grads, flag, _one(cache, device))
-    if dense or unfused or not agrees_alone(sync):
-        # the inner optimizer's step cannot honour a device flag, and the ranks' vote is read on
-        # the host by sharding.agree: decide now
+    agreed = None
+    if flag is not None and not (dense or unfused) and not agrees_alone(sync):
+        agreed = _agree_on_device(cache, sync, flag)
+    if dense or unfused or (not agrees_alone(sync) and agreed is None):
+        # the inner optimizer's step cannot honour a device flag (nor a vote the host reads
+        # elsewhere): decide now
         finite = flag is None or not _read_now(flag)
         if not agrees_alone(sync):
             _, finite = agree(sync, False, finite)
@@ -278,7 +295,7 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
             return False
         found_inf = None
     else:
-        found_inf = flag
+        found_inf = flag if agreed is None else agreed
     stepped_by_inner = []  # (lane, residuals, A[S]) of the lanes the inner optimizer steps
     for lane, items in lanes:
         group = items[0].group
@@ -309,11 +326,11 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
             # this step may end an episode (counters may still count a skipped step: never too
             # few): every verdict first, so the merge and the redraw happen at the right step
             settle(opt, wait=True)
-            if _read_now(flag):
+            if _read_now(found_inf):
                 _count_skip(opt, late=False)
                 return False
         else:
-            _defer(cache, flag, fused)
+            _defer(cache, found_inf, fused)
     cache.stepped = lanes
     return True
 

@@ -55,13 +55,16 @@ def _grads(params, extra, t, nonfinite):
         extra[0].grad[1] = float("nan")
 
 
-def run(use_grouped, steps, dtype=torch.float32, dense=False, nonfinite=(), actions=None, start=None, **kw):
+def run(use_grouped, steps, dtype=torch.float32, dense=False, nonfinite=(), actions=None, start=None, sync=None,
+        **kw):
     """``steps`` optimizer steps; ``actions[t](opt, params)`` runs before step ``t``; ``start``:
     a state_dict to load first (and the weights it goes with). Returns the weights, the
     state_dict and the steps at which a skip warning was raised."""
     grouped.set_enabled(use_grouped)
     params, extra = _model(dtype, dense)
     opt = _optimizer(params, extra, **kw)
+    if sync is not None:
+        opt.set_sync_group(sync)
     first = 0
     if start is not None:
         sd, weights, first = start
@@ -130,6 +133,23 @@ def test_a_nonfinite_dense_gradient_skips_the_grouped_step():
     fast, slow = run(True, 4, **kw), run(False, 4, **kw)
     assert_same_run(fast, slow)
     assert fast[2] == slow[2] == [1]
+
+
+def test_ranks_agree_without_a_host_read(tmp_path):
+    """With a sync group the ranks' votes are all-reduced where they lie (here the CPU: gloo),
+    in the same call the per-tensor path makes, and the verdict stays on the device (it lags)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        kw = dict(nonfinite=(2, 5), sync=dist.group.WORLD)
+        fast, slow = run(True, 7, **kw), run(False, 7, **kw)
+    finally:
+        dist.destroy_process_group()
+    assert_same_run(fast, slow)
+    assert slow[2] == [2, 5]
+    # gloo votes on the CPU: on a GPU the grouped step reads its flag for the vote (no lag)
+    assert fast[2] == ([2, 6] if DEVICE == "cpu" else [2, 5])
 
 
 def test_grouped_step_without_the_check():
