@@ -338,9 +338,10 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
 def redraw(opt, ending: list[tuple]) -> list[tuple]:
     """End the episodes of ``ending`` (``(w, group, gi, i, work)`` of each tensor whose episode
     ended at this step) where a whole lane of the grouped step just taken ends together: one
-    merge launch, one draw (two launches and a scan), one remap launch and one host sync (the
-    sizes, for the capacity check and the host's ``support_size``) per lane. Returns the
-    tensors left to the per-tensor redraw (``episode.merge`` / ``episode.start``)."""
+    merge launch, one draw (two launches and a scan), one remap launch (and a foreach copy back
+    into the state's buffers) and one host sync (the sizes, for the capacity check and the
+    host's ``support_size``) per lane. Returns the tensors left to the per-tensor redraw
+    (``episode.merge`` / ``episode.start``)."""
     cache = vars(opt).get(_ATTR)
     stepped, rest = (cache.stepped if cache is not None else None), list(ending)
     if cache is not None:
@@ -383,15 +384,15 @@ def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
         pass  # nothing to carry (the per-tensor path's rule too)
     elif policy == "remap":
         old = torch.cat(group.supports)
-        moved = [[torch.empty_like(s[k]) for s in inner_states] for k in keys]
-        remap_state_grouped(remap_plan, old, group.n, flat, n, [[s[k] for s in inner_states] for k in keys], moved)
-        for k, values in zip(keys, moved):
-            for s, value in zip(inner_states, values):
-                s[k] = value
+        # the kernel reads and writes distinct buffers; the state keeps its own (born in
+        # state.py / by the inner optimizer), so it is remapped into scratch and copied back
+        current = [[s[k] for s in inner_states] for k in keys]
+        moved = [[torch.empty_like(v) for v in values] for values in current]
+        remap_state_grouped(remap_plan, old, group.n, flat, n, current, moved)
+        note("launch", "remap_state")
+        torch._foreach_copy_([v for values in current for v in values], [v for values in moved for v in values])
     elif policy == "carry":
-        for s, m in zip(inner_states, sizes):
-            for k in keys:
-                s[k][m:].zero_()
+        torch._foreach_zero_([s[k][m:] for s, m in zip(inner_states, sizes) for k in keys])
     else:  # reset
         for s in inner_states:
             s.clear()
