@@ -58,7 +58,7 @@ from .kernels._common import compute_dtype
 from .kernels._dispatch import note
 from .kernels._table import upload
 from .sharding import agree, agrees_alone, local, vote_device
-from .state import SUPPORT_SIZE, per_element_keys
+from .state import SUPPORT_SIZE, capacity, per_element_keys
 from .step import Work, adam_hyperparameters, adam_state, inner_step
 
 __all__ = ["set_enabled", "is_enabled", "takes", "step", "redraw", "settle"]
@@ -365,6 +365,8 @@ def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
             s[k].dtype != torch.float32 for s in inner_states for k in keys[0]):
         return False  # inner states of different layouts: the per-tensor rules apply
     keys = keys[0]
+    if any(capacity(local(item.w).numel(), keep) != cap for item, keep, cap in zip(items, group.keeps, caps)):
+        return False  # p was changed (or the buffers grew): the per-tensor path sizes the buffers anew
     if lane.plans is None:
         plan = SupportPlan([(item.st["segments"], item.st["support"].numel()) for item in items], group.keeps,
                            group.device, index_dtype=group.index_dtype)
