@@ -165,6 +165,13 @@ class GMixoutOptimizer(Optimizer):
             param_group[key] = hparams.check(key, param_group.get(key, self.defaults[key]), where)
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        gi = len(self.param_groups)
+        first: dict[torch.Tensor, int] = {}
+        for i, prm in enumerate(params):
+            if prm in first:  # torch only warns; a repeated tensor would take two steps per step
+                raise ValueError(f"param group {gi}, parameter {i} (shape {tuple(prm.shape)}) is listed more than "
+                                 f"once (also as parameter {first[prm]}); list each parameter once")
+            first[prm] = i
         if param_group["gmixout"]:
             for prm in params:
                 if not prm.is_floating_point():
