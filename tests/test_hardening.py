@@ -59,6 +59,23 @@ def through_bytes(obj):
     return torch.load(buf, weights_only=True)
 
 
+# ----------------------------------------------------------------------------- item 7
+def test_closure_requiring_inner_optimizer_is_refused_at_construction():
+    params = make_params([(4, 3)])
+    with pytest.raises(ValueError, match=r"LBFGS[\s\S]*closure"):
+        GMixoutOptimizer(params, inner="LBFGS", lr=0.1)
+    with pytest.raises(ValueError, match=r"LBFGS[\s\S]*closure"):
+        GMixoutOptimizer(params, inner=torch.optim.LBFGS, lr=0.1)
+    with pytest.raises(ValueError, match=r"LBFGS[\s\S]*closure"):
+        GMixoutOptimizer(torch.optim.LBFGS(params, lr=0.1))
+
+
+@pytest.mark.parametrize("inner", ["Optimizer", torch.optim.Optimizer])
+def test_the_optimizer_base_class_is_not_an_inner_optimizer(inner):
+    with pytest.raises((ValueError, TypeError), match=r"Optimizer[\s\S]*(AdamW|base class)"):
+        GMixoutOptimizer(make_params([(4, 3)]), inner=inner, lr=0.1)
+
+
 # ----------------------------------------------------------------------------- item 10
 def test_a_parameter_listed_twice_is_refused():
     (w,) = make_params([(4, 3)])
