@@ -234,9 +234,12 @@ class GMixoutOptimizer(Optimizer):
 
     # -- the step ----------------------------------------------------------------------
 
+    # torch.compile cannot trace the step (data-dependent support sizes, per-tensor Python state:
+    # its first compiled call went wrong): it runs eagerly, a compiled caller breaks its graph here.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one GMixout step (see the class docstring for the math)."""
+        """Take one GMixout step (see the class docstring for the math); never compiled."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -76,6 +76,21 @@ def test_the_optimizer_base_class_is_not_an_inner_optimizer(inner):
         GMixoutOptimizer(make_params([(4, 3)]), inner=inner, lr=0.1)
 
 
+# ----------------------------------------------------------------------------- item 9
+def test_compiled_step_matches_eager_from_the_first_call():
+    a = make_params([(33, 17), (129,)])
+    b = make_params([(33, 17), (129,)])
+    opts = [GMixoutOptimizer(ps, inner="AdamW", p=0.3, resample_every=2, lr=1e-2) for ps in (a, b)]
+    compiled = torch.compile(opts[0].step)
+    for t in range(5):
+        set_grads(a, t)
+        set_grads(b, t)
+        compiled()
+        opts[1].step()
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), f"step {t}"
+
+
 # ----------------------------------------------------------------------------- item 10
 def test_a_parameter_listed_twice_is_refused():
     (w,) = make_params([(4, 3)])
