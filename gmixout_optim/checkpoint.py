@@ -1,9 +1,10 @@
 """GMixoutOptimizer's checkpoint format and its sharded (DCP) view.
 
 ``state_dict()`` is torch's layout (state keyed by position in ``param_groups``) plus a
-``gmixout`` block ``{format, merge, state_policy, seed, inner}``, also stored as JSON under
-``param_groups[0]["gmixout_config"]`` because ``torch.distributed.checkpoint.state_dict``
-keeps only ``state`` and ``param_groups``. A GMixout tensor's entry holds ``episode``,
+``gmixout`` block ``{format, merge, state_policy, seed, inner, skipped_steps}``, also stored as
+JSON under ``param_groups[0]["gmixout_config"]`` because ``torch.distributed.checkpoint.state_dict``
+keeps only ``state`` and ``param_groups``. ``skipped_steps`` is the optimizer's count of skipped
+non-finite steps (0 when a checkpoint lacks it). A GMixout tensor's entry holds ``episode``,
 ``episode_step`` and, inside an episode, ``support`` / ``residual`` (``anchor`` for 16-bit
 tensors) and the inner optimizer's state of the residual under ``inner``.
 
@@ -115,7 +116,7 @@ def state_dict(opt) -> dict[str, Any]:
             state[pid] = entry
         index += len(group["params"])
         packed_groups.append(packed)
-    block = config(opt)
+    block = dict(config(opt), skipped_steps=opt.skipped_steps)
     if packed_groups:
         packed_groups[0][CONFIG_KEY] = json.dumps(block, sort_keys=True)
     return {"state": state, "param_groups": packed_groups, "gmixout": block}
@@ -146,6 +147,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
             _load_gmixout_entry(opt, w, dict(entry), group, gi, i, pid)
         else:
             opt.state[w] = {k: _to_like(v, w, k, group) for k, v in entry.items()}
+    opt.skipped_steps = int(block.get("skipped_steps", 0))
     for group, saved in zip(opt.param_groups, saved_groups):
         for key, value in saved.items():
             if key != "params":

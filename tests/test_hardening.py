@@ -103,3 +103,18 @@ def test_a_parameter_listed_twice_is_refused():
         inner = torch.optim.SGD([w, w], lr=0.1)
     with pytest.raises(ValueError, match=r"param group 0[\s\S]*more than once"):
         GMixoutOptimizer(inner)
+
+
+# ----------------------------------------------------------------------------- item 12
+def test_skipped_steps_are_saved_in_checkpoints():
+    params = make_params([(6, 4)])
+    opt = GMixoutOptimizer(params, inner="AdamW", p=0.5, resample_every=3, lr=1e-2)
+    set_grads(params, 0)
+    opt.step()
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    fresh = GMixoutOptimizer(make_params([(6, 4)]), inner="AdamW", p=0.5, resample_every=3, lr=1e-2)
+    fresh.load_state_dict(through_bytes(opt.state_dict()))
+    assert fresh.skipped_steps == 1
