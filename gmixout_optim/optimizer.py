@@ -365,6 +365,29 @@ class GMixoutOptimizer(Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, ``pickle``) carry everything: the inner optimizer, the state,
+        the counters, and step like the original. An optimizer with a locator (set by an engine
+        integration) is refused: the locator refers to the engine's tensors, not the copy's."""
+        if self._locator is not None:
+            raise TypeError("a GMixoutOptimizer with a locator (set by an engine integration: DeepSpeed, FSDP1) "
+                            "cannot be copied: the locator refers to the original tensors. Copy it before the "
+                            "engine takes it, or save and load its state_dict()")
+        state = dict(self.__dict__)
+        # The inner optimizer travels as its class and attributes: its own __setstate__ would
+        # "upgrade" the state of every parameter it lists, which for a GMixout tensor is
+        # GMixout's entry, not the inner optimizer's.
+        state["_inner"] = (type(self._inner), dict(self._inner.__dict__))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        cls, attrs = state["_inner"]
+        inner = cls.__new__(cls)
+        inner.__dict__.update(attrs)
+        inner._patch_step_function()
+        state["_inner"] = inner
+        super().__setstate__(state)
+
     def __repr__(self) -> str:
         return (f"GMixoutOptimizer(inner={type(self._inner).__name__}, p={self.defaults['p']}, "
                 f"ema_decay={self.defaults['ema_decay']}, resample_every={self.defaults['resample_every']}, "

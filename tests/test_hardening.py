@@ -59,6 +59,34 @@ def through_bytes(obj):
     return torch.load(buf, weights_only=True)
 
 
+# ----------------------------------------------------------------------------- item 6
+def _trained_pair():
+    params = make_params([(9, 7), (5,)])
+    groups = [{"params": params[:1]}, {"params": params[1:], "gmixout": False}]
+    opt = GMixoutOptimizer(groups, inner="AdamW", p=0.5, resample_every=3, lr=1e-2)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_steps_like_the_original(how):
+    params, opt = _trained_pair()
+    if how == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    for t in range(4, 9):
+        for ps, o in ((params, opt), (params2, opt2)):
+            set_grads(ps, t)
+            o.step()
+    for a, b in zip(params, params2):
+        assert torch.equal(a, b)
+        assert a.data_ptr() != b.data_ptr(), "the copy must own its tensors"
+    assert_same(through_bytes(opt2.state_dict()), through_bytes(opt.state_dict()))
+
+
 # ----------------------------------------------------------------------------- item 7
 def test_closure_requiring_inner_optimizer_is_refused_at_construction():
     params = make_params([(4, 3)])
