@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from . import checkpoint, episode, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
-from .state import drop_compact, support_indices
+from .state import drop_compact, positions
 from .step import Work, all_finite, collect, gather_grads, gmixout_step, initialize_inner, resolve
 
 __all__ = ["GMixoutOptimizer", "find_gmixout"]
@@ -57,6 +57,12 @@ class GMixoutOptimizer(Optimizer):
     stored densely, and identical however the tensor is sharded (see ``set_locator``).
     DTensor (FSDP2) parameters are recognised: the optimizer steps their local shards in
     place, keyed by the shards' global element offsets, and checkpoints them for DCP.
+    Weights in any dense memory layout (channels_last, transposed) train like their
+    contiguous twins; gradients may have any layout.
+
+    Not supported, refused at construction: an inner optimizer whose ``step`` needs a closure
+    (LBFGS), a parameter listed twice, a weight whose memory has gaps or overlaps.
+    ``step()`` is excluded from ``torch.compile`` (it runs eagerly; compile the model).
 
     Inner state across a redraw (``state_policy``): ``remap`` keeps the state of
     coordinates in both supports and zeroes the rest; ``carry`` keeps the compact
@@ -173,12 +179,21 @@ class GMixoutOptimizer(Optimizer):
                                  f"once (also as parameter {first[prm]}); list each parameter once")
             first[prm] = i
         if param_group["gmixout"]:
-            for prm in params:
+            for i, prm in enumerate(params):
                 if not prm.is_floating_point():
                     raise ValueError(
                         f"GMixout trains real floating-point tensors; a parameter{where} has dtype {prm.dtype}")
+                self._check_layout(prm, gi, i)
         param_group["params"] = params
         self._inner.add_param_group(param_group)
+
+    @staticmethod
+    def _check_layout(w: torch.Tensor, gi: int, i: int) -> None:
+        try:
+            sharding.memory_order(sharding.local(w))
+        except ValueError as err:
+            raise ValueError(f"param group {gi}, parameter {i}: {err}; pass a dense copy, e.g. "
+                             "nn.Parameter(w.detach().contiguous())") from None
 
     # -- the public engine interface -------------------------------------------------------
 
@@ -285,8 +300,7 @@ class GMixoutOptimizer(Optimizer):
         return loss
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
-        if not sharding.local(w).is_contiguous():
-            raise ValueError(f"GMixout tensors must be contiguous (param group {gi}, parameter {i})")
+        self._check_layout(w, gi, i)  # again: a weight may be swapped after construction (w.data = ...)
         if "segments" not in st:
             st["segments"] = self.locate(w, gi, i)
         episode.start(self._state, w, st, group, self._seed, self._state_policy)
@@ -330,15 +344,15 @@ class GMixoutOptimizer(Optimizer):
         saved = []
         with torch.no_grad():
             for w, st, group in list(self._running_episodes()):
-                idx = support_indices(st)
-                saved.append((w, idx, sharding.local(w).view(-1)[idx].clone()))
+                idx = positions(w, st)[: st["support_size"]].long()
+                saved.append((w, idx, sharding.flat(sharding.local(w))[idx].clone()))
                 episode.merge(w, st, group, 0.0)
         try:
             yield self
         finally:
             with torch.no_grad():
                 for w, idx, values in saved:
-                    sharding.local(w).view(-1).index_copy_(0, idx, values)
+                    sharding.flat(sharding.local(w)).index_copy_(0, idx, values)
 
     # -- checkpoints -------------------------------------------------------------------
 

@@ -7,7 +7,9 @@
 - inside an episode, the compact buffers (:data:`COMPACT_KEYS`), all of length ``capacity``:
   ``support`` (sorted local indices, -1 padded), ``residual`` (fp32), ``anchor`` (16-bit
   tensors only: :math:`A[S]` in ``w``'s dtype), and ``support_size``, the number of used
-  slots ``n`` (an int, derived from ``support`` on load, never saved).
+  slots ``n`` (an int, derived from ``support`` on load, never saved); for a weight not in
+  row-major memory order (channels_last, transposed) ``support_positions``, where the support
+  sits in memory (derived, never saved).
 
 The inner optimizer's state of the residual is ``opt.state[st["residual"]]``; its entries
 that are 1-D of length ``capacity`` follow the support (:func:`per_element_keys`).
@@ -19,14 +21,15 @@ from typing import Any
 import torch
 
 from .kernels import support_capacity
-from .sharding import local
+from .sharding import local, memory_positions
 
 __all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "capacity", "per_element_keys", "ensure_buffers",
-           "drop_compact", "support_indices"]
+           "drop_compact", "support_indices", "positions"]
 
 # A GMixout tensor's per-episode buffers; consolidate()/finalize() drop them.
 COMPACT_KEYS = ("support", "residual", "anchor")
 SUPPORT_SIZE = "support_size"
+POSITIONS = "support_positions"
 
 
 def capacity(numel: int, keep: float) -> int:
@@ -68,13 +71,28 @@ def drop_compact(state: dict, st: dict) -> None:
     """Forget the episode's buffers and the inner state of its residual (counters stay)."""
     if "residual" in st:
         state.pop(st["residual"], None)
-    for key in COMPACT_KEYS + (SUPPORT_SIZE,):
+    for key in COMPACT_KEYS + (SUPPORT_SIZE, POSITIONS):
         st.pop(key, None)
 
 
 def support_indices(st: dict) -> torch.Tensor:
-    """The used support slots as int64 local indices."""
+    """The used support slots as int64 local (row-major) indices."""
     return st["support"][: st[SUPPORT_SIZE]].long()
+
+
+def positions(w: torch.Tensor, st: dict) -> torch.Tensor:
+    """Where the support sits in ``sharding.flat(local(w))``, the index the kernels take: the
+    support itself for a row-major tensor, else its memory positions (-1 padded like it,
+    derived once per episode and kept as ``support_positions``)."""
+    shard = local(w)
+    if shard.is_contiguous():
+        return st["support"]
+    if POSITIONS not in st:
+        n = st[SUPPORT_SIZE]
+        pos = torch.full(st["support"].shape, -1, dtype=torch.int64, device=st["support"].device)
+        pos[:n] = memory_positions(shard, st["support"][:n])
+        st[POSITIONS] = pos
+    return st[POSITIONS]
 
 
 def load_compact(w: torch.Tensor, st: dict, saved: dict[str, Any], keep: float) -> None:

@@ -27,8 +27,8 @@ from .kernels import merge as _merge
 from .kernels import support as _support
 from .kernels import write as _write
 from .kernels._dispatch import use_triton
-from .sharding import local
-from .state import SUPPORT_SIZE, support_indices
+from .sharding import flat, flat_grad, local
+from .state import SUPPORT_SIZE, positions
 
 __all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "collect", "Work", "gather_grads", "all_finite",
            "gmixout_step", "inner_step", "initialize_inner"]
@@ -106,14 +106,14 @@ def gather_grads(unfused: list[Work]) -> None:
     for item in unfused:
         residual = item.st["residual"]
         residual.grad = torch.empty_like(residual)
-        item.kernels.gather_grad(local(item.w.grad).view(-1), item.st["support"], item.st[SUPPORT_SIZE],
+        item.kernels.gather_grad(flat_grad(item.w), positions(item.w, item.st), item.st[SUPPORT_SIZE],
                                  _keep(item.group), residual.grad)
 
 
 def all_finite(unfused: list[Work], fused: list[Work], dense: list[torch.Tensor]) -> bool:
     """Whether every gradient the step uses (support gradients, dense gradients) is finite."""
     grads = [item.st["residual"].grad for item in unfused]
-    grads += [local(item.w.grad).view(-1)[support_indices(item.st)] for item in fused]
+    grads += [flat_grad(item.w)[positions(item.w, item.st)[: item.st[SUPPORT_SIZE]].long()] for item in fused]
     grads += [local(w.grad) for w in dense]
     grads = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
     if not grads:
@@ -129,8 +129,8 @@ def _support_anchor(item: Work) -> torch.Tensor:
     st = item.st
     if "anchor" in st:
         return st["anchor"][: st[SUPPORT_SIZE]]
-    return item.kernels.support_anchor(local(item.w).view(-1), st["support"], st[SUPPORT_SIZE], st["residual"],
-                                       _keep(item.group))
+    return item.kernels.support_anchor(flat(local(item.w)), positions(item.w, st), st[SUPPORT_SIZE],
+                                       st["residual"], _keep(item.group))
 
 
 class ResidualGroup(MutableMapping):
@@ -197,7 +197,7 @@ def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
     beta1, beta2 = group["betas"]
     decoupled = isinstance(inner, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
     item.kernels.fused_adamw_step(
-        local(item.w).view(-1), local(item.w.grad).view(-1), st["support"], st[SUPPORT_SIZE], residual,
+        flat(local(item.w)), flat_grad(item.w), positions(item.w, st), st[SUPPORT_SIZE], residual,
         inner_state["exp_avg"], inner_state["exp_avg_sq"], st.get("anchor"),
         step=int(inner_state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
         beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
@@ -214,7 +214,7 @@ def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work],
         inner_step(inner, state, skip={item.w for item in fused})
     for item, anchor in zip(unfused, anchors):
         st = item.st
-        item.kernels.write_weights(local(item.w).view(-1), st["support"], st[SUPPORT_SIZE], anchor,
+        item.kernels.write_weights(flat(local(item.w)), positions(item.w, st), st[SUPPORT_SIZE], anchor,
                                    st["residual"], _keep(item.group))
         st["residual"].grad = None
     for item in fused:

@@ -104,6 +104,62 @@ def test_the_optimizer_base_class_is_not_an_inner_optimizer(inner):
         GMixoutOptimizer(make_params([(4, 3)]), inner=inner, lr=0.1)
 
 
+# ----------------------------------------------------------------------------- item 8
+def _conv_params(memory_format):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, 3, 3, generator=g).to(memory_format=memory_format)
+    t = torch.randn(7, 4, generator=g).t()  # a transposed leaf: dense, not contiguous
+    if memory_format == torch.contiguous_format:
+        t = t.contiguous()
+    return [torch.nn.Parameter(w), torch.nn.Parameter(t)]
+
+
+@pytest.mark.parametrize("inner, kw", [("AdamW", dict(lr=5e-2)), ("SGD", dict(lr=0.1, momentum=0.9))])
+def test_channels_last_and_transposed_weights_train_like_contiguous_ones(inner, kw):
+    """The support is a set of logical elements: the same model in another memory format
+    draws the same supports and trains to bitwise the same values, in its own format."""
+    cl = _conv_params(torch.channels_last)
+    dense = _conv_params(torch.contiguous_format)
+    assert not cl[0].is_contiguous() and not cl[1].is_contiguous()
+    opts = [GMixoutOptimizer(ps, inner=inner, p=0.6, ema_decay=0.3, resample_every=3, **kw) for ps in (cl, dense)]
+    for t in range(8):
+        for ps, o in zip((cl, dense), opts):
+            set_grads(ps, t)
+            o.step()
+    for a, b in zip(cl, dense):
+        assert torch.equal(a, b)
+    assert cl[0].is_contiguous(memory_format=torch.channels_last), "the memory format is kept"
+    with opts[0].anchor_weights():
+        anchors = snapshot(cl)
+    with opts[1].anchor_weights():
+        assert all(torch.equal(flat(w), x) for w, x in zip(dense, anchors))
+    for o in opts:
+        o.finalize()
+    for a, b in zip(cl, dense):
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_gradient_on_a_contiguous_weight():
+    a = make_params([(6, 4)])
+    b = make_params([(6, 4)])
+    opts = [GMixoutOptimizer(ps, inner="AdamW", p=0.5, resample_every=2, lr=1e-2) for ps in (a, b)]
+    for t in range(5):
+        g = torch.Generator().manual_seed(t)
+        grad = torch.randn(4, 6, generator=g).t()  # non-contiguous view with the weight's shape
+        a[0].grad = grad
+        b[0].grad = grad.contiguous()
+        for o in opts:
+            o.step()
+    assert torch.equal(a[0], b[0])
+
+
+def test_weight_with_gaps_in_its_storage_is_refused_at_construction():
+    base = torch.randn(6, 8)
+    w = torch.nn.Parameter(base[:, ::2])  # a strided view: its elements are not dense in memory
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0[\s\S]*contiguous\(\)"):
+        GMixoutOptimizer([w], inner="SGD", lr=0.1)
+
+
 # ----------------------------------------------------------------------------- item 9
 def test_compiled_step_matches_eager_from_the_first_call():
     a = make_params([(33, 17), (129,)])
