@@ -5,12 +5,15 @@
 JSON under ``param_groups[0]["gmixout_config"]`` because ``torch.distributed.checkpoint.state_dict``
 keeps only ``state`` and ``param_groups``. ``skipped_steps`` is the optimizer's count of skipped
 non-finite steps (0 when a checkpoint lacks it). A GMixout tensor's entry holds ``episode``,
-``episode_step`` and, inside an episode, ``support`` / ``residual`` (``anchor`` for 16-bit
-tensors) and the inner optimizer's state of the residual under ``inner``.
+``episode_step`` and, inside an episode, ``support`` / ``residual`` / ``anchor`` and the inner
+optimizer's state of the residual under ``inner``.
 
-Formats: **2** (written now) leaves out ``segments``: they are where this rank's elements sit,
-recomputed on load by the optimizer's locator (``GMixoutOptimizer.locate``). **1** (written
-before) saved them; a format-1 entry with ``segments`` loads exactly as it was saved.
+Formats: **3** (written now) stores the anchor for every dtype. **2** stored the anchor of
+16-bit tensors only: an fp32/fp64 tensor's anchor is derived once, at its first use after the
+load, as ``W[S] - v/keep`` (``state.anchor``). Both leave out ``segments``: they are where this
+rank's elements sit, recomputed on load by the optimizer's locator
+(``GMixoutOptimizer.locate``). **1** saved them; a format-1 entry with ``segments`` loads as
+saved (anchors as in format 2).
 
 **Sharded view.** For a DTensor (FSDP2) parameter the compact vectors are rank-local, not
 slices of a dense tensor, and DCP keeps one rank's copy of a plain tensor. Each compact vector
@@ -39,8 +42,8 @@ from .state import COMPACT_KEYS, capacity, load_compact, per_element_keys
 __all__ = ["FORMAT", "READABLE_FORMATS", "CONFIG_KEY", "state_dict", "load_state_dict", "find_state_dict",
            "restart_episodes_of"]
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 CONFIG_KEY = "gmixout_config"
 
 

@@ -50,9 +50,9 @@ class GMixoutOptimizer(Optimizer):
     an episode, so the next forward pass sees the merged anchor.
 
     The parameter itself holds :math:`W`; the optimizer keeps, per tensor, only compact
-    state: the support indices, :math:`v`, the inner optimizer's state of :math:`v`
-    (and :math:`A[S]` for 16-bit parameters; fp32 parameters derive it as
-    :math:`W[S] - v/(1-p)`). Supports come from a counter-based RNG keyed by
+    state: the support indices, :math:`v`, the inner optimizer's state of :math:`v` and
+    :math:`A[S]` (stored exactly, in the parameter's dtype: ``ema_decay=1`` gives back the
+    pretrained weights bit for bit). Supports come from a counter-based RNG keyed by
     (seed, tensor key, episode, global element offset): they are regenerated, never
     stored densely, and identical however the tensor is sharded (see ``set_locator``).
     DTensor (FSDP2) parameters are recognised: the optimizer steps their local shards in

@@ -28,7 +28,7 @@ from .kernels import support as _support
 from .kernels import write as _write
 from .kernels._dispatch import use_triton
 from .sharding import flat, flat_grad, local
-from .state import SUPPORT_SIZE, positions
+from .state import SUPPORT_SIZE, anchor, positions
 
 __all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "collect", "Work", "gather_grads", "all_finite",
            "gmixout_step", "inner_step", "initialize_inner"]
@@ -126,11 +126,7 @@ def all_finite(unfused: list[Work], fused: list[Work], dense: list[torch.Tensor]
 
 
 def _support_anchor(item: Work) -> torch.Tensor:
-    st = item.st
-    if "anchor" in st:
-        return st["anchor"][: st[SUPPORT_SIZE]]
-    return item.kernels.support_anchor(flat(local(item.w)), positions(item.w, st), st[SUPPORT_SIZE],
-                                       st["residual"], _keep(item.group))
+    return anchor(item.w, item.st, _keep(item.group), item.kernels.support_anchor)[: item.st[SUPPORT_SIZE]]
 
 
 class ResidualGroup(MutableMapping):
@@ -198,7 +194,8 @@ def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
     decoupled = isinstance(inner, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
     item.kernels.fused_adamw_step(
         flat(local(item.w)), flat_grad(item.w), positions(item.w, st), st[SUPPORT_SIZE], residual,
-        inner_state["exp_avg"], inner_state["exp_avg_sq"], st.get("anchor"),
+        inner_state["exp_avg"], inner_state["exp_avg_sq"],
+        anchor(item.w, st, _keep(group), item.kernels.support_anchor),
         step=int(inner_state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
         beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
         decoupled=bool(decoupled), keep=_keep(group))
@@ -212,9 +209,9 @@ def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work],
     anchors = [_support_anchor(item) for item in unfused]  # A[S] before v changes
     if unfused or dense:
         inner_step(inner, state, skip={item.w for item in fused})
-    for item, anchor in zip(unfused, anchors):
+    for item, values in zip(unfused, anchors):
         st = item.st
-        item.kernels.write_weights(flat(local(item.w)), positions(item.w, st), st[SUPPORT_SIZE], anchor,
+        item.kernels.write_weights(flat(local(item.w)), positions(item.w, st), st[SUPPORT_SIZE], values,
                                    st["residual"], _keep(item.group))
         st["residual"].grad = None
     for item in fused:

@@ -59,6 +59,96 @@ def through_bytes(obj):
     return torch.load(buf, weights_only=True)
 
 
+# ----------------------------------------------------------------------------- items 3, 4
+@pytest.mark.parametrize("inner, kw", [("SGD", dict(lr=0.1)), ("AdamW", dict(lr=5e-2))])
+def test_ema_decay_one_gives_back_the_pretrained_fp32_weights_bitwise(inner, kw):
+    """lam = 1 keeps the pretrained anchor: after any number of episodes, finalize() and
+    anchor_weights() hold the pretrained weights bit for bit (the anchor is never re-derived
+    from rounded sums)."""
+    params = make_params([(30, 20), (64,)])
+    pre = snapshot(params)
+    opt = GMixoutOptimizer(params, inner=inner, p=0.6, ema_decay=1.0, resample_every=3, **kw)
+    for t in range(3 * 3 + 2):  # 3 episodes, then mid-episode
+        set_grads(params, t, scale=3.0)
+        opt.step()
+    assert any(not torch.equal(flat(w), x) for w, x in zip(params, pre)), "training must move the weights"
+    with opt.anchor_weights():
+        for w, x in zip(params, pre):
+            assert torch.equal(flat(w), x), "anchor_weights() must show the exact anchor"
+    opt.finalize()
+    for w, x in zip(params, pre):
+        assert torch.equal(flat(w), x), "finalize() must leave the exact anchor"
+
+
+def _to_bf16_in_place(params):
+    """What module.to(torch.bfloat16) does to a parameter: its data is replaced."""
+    for w in params:
+        w.data = w.data.to(torch.bfloat16)
+        if w.grad is not None:
+            w.grad = None
+
+
+@pytest.mark.parametrize("how", ["to_in_place", "fp32_checkpoint_into_bf16_model"])
+def test_tensor_that_becomes_bf16_mid_run_keeps_an_exact_anchor(how):
+    """lam = 1: the anchor stays the pretrained weights. Once the tensor is bf16 the model
+    holds them rounded to bf16 off the support, and finalize() must give exactly those
+    rounded values back after further episodes (a re-derived anchor loses low bits)."""
+    kw = dict(inner="AdamW", p=0.6, ema_decay=1.0, resample_every=3, lr=5e-2)
+    params = make_params([(30, 20), (64,)])
+    pre_bf16 = [x.to(torch.bfloat16) for x in snapshot(params)]
+    opt = GMixoutOptimizer(params, **kw)
+    for t in range(2):  # stop inside episode 0
+        set_grads(params, t)
+        opt.step()
+    if how == "to_in_place":
+        _to_bf16_in_place(params)
+    else:
+        sd = through_bytes(opt.state_dict())
+        params = [torch.nn.Parameter(w.detach().to(torch.bfloat16)) for w in params]
+        opt = GMixoutOptimizer(params, **kw)
+        opt.load_state_dict(sd)
+    for t in range(2, 2 + 3 * 2 + 2):  # across three episode boundaries, one step into the next
+        set_grads(params, t)
+        opt.step()
+    assert any(not torch.equal(flat(w), x) for w, x in zip(params, pre_bf16))
+    opt.finalize()
+    for w, x in zip(params, pre_bf16):
+        assert w.dtype == torch.bfloat16
+        assert torch.equal(flat(w), x), f"anchor lost bits: max |diff| {(flat(w).float() - x.float()).abs().max()}"
+
+
+def test_checkpoint_of_the_previous_format_still_loads():
+    """Format 2 stored no anchor for fp32 tensors. It is derived once, at the first use after
+    the load, as W[S] - v/keep (the model's weights are loaded by then), then kept exactly:
+    the resumed run stays within the derivation's rounding of the uninterrupted one.
+    Tolerance: 2 fp32 roundings of |w| <= 4 (ulp 4.8e-7) at the derivation, carried
+    unchanged by the later steps (the updates do not depend on the anchor): 1e-6."""
+    kw = dict(inner="AdamW", p=0.5, ema_decay=0.3, resample_every=4, lr=5e-2)
+    params = make_params([(12, 9), (31,)])
+    opt = GMixoutOptimizer(params, **kw)
+    for t in range(6):  # inside episode 1
+        set_grads(params, t)
+        opt.step()
+    sd = through_bytes(opt.state_dict())
+    sd["gmixout"]["format"] = 2  # what the previous version wrote: no fp32 anchor, no counters
+    sd["param_groups"][0].pop("gmixout_config", None)
+    for entry in sd["state"].values():
+        entry.pop("anchor", None)
+    for key in ("skipped_steps", "unstepped"):
+        sd["gmixout"].pop(key, None)
+    resumed = [torch.nn.Parameter(w.detach().clone()) for w in params]
+    opt2 = GMixoutOptimizer(resumed, **kw)
+    opt2.load_state_dict(sd)
+    for t in range(6, 11):  # across the next episode boundary (after step 8)
+        for ps, o in ((params, opt), (resumed, opt2)):
+            set_grads(ps, t)
+            o.step()
+        if t == 6:
+            assert "anchor" in opt2.state_dict()["state"][0], "the derived anchor is kept (and saved)"
+    for a, b in zip(params, resumed):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- item 6
 def _trained_pair():
     params = make_params([(9, 7), (5,)])
