@@ -112,6 +112,7 @@ class GMixoutOptimizer(Optimizer):
         self._skip_nonfinite = checked["skip_nonfinite"]
         self._locator: Callable | None = None
         self._sync_group: Any = "auto"
+        self._in_anchor_view = False
         self.skipped_steps = 0
         defaults = dict(inner_opt.defaults)
         defaults.update(gmixout=True, **{k: checked[k] for k in ("p", "ema_decay", "resample_every")})
@@ -255,6 +256,7 @@ class GMixoutOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one GMixout step (see the class docstring for the math); never compiled."""
+        self._refuse_in_anchor_view("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -322,6 +324,7 @@ class GMixoutOptimizer(Optimizer):
         The next step starts the next episode with a fresh support. What is left per
         tensor is two counters, so the checkpoint loads on any sharding/world size.
         """
+        self._refuse_in_anchor_view("consolidate()")
         self._close_episodes(merge_running=True)
 
     @torch.no_grad()
@@ -331,6 +334,7 @@ class GMixoutOptimizer(Optimizer):
         ``merge_running=True`` merges the unfinished episode (a shortened last episode);
         ``False`` discards it, as the authors' code does.
         """
+        self._refuse_in_anchor_view("finalize()")
         self._close_episodes(merge_running)
 
     def _close_episodes(self, merge_running: bool) -> None:
@@ -340,25 +344,42 @@ class GMixoutOptimizer(Optimizer):
 
     @contextmanager
     def anchor_weights(self):
-        """Within the block the parameters hold the anchor; the training weights come back bitwise."""
+        """Within the block the parameters hold the anchor; the training weights come back bitwise.
+
+        Evaluate or save the model there. ``step()``, ``state_dict()``, ``load_state_dict()``,
+        ``consolidate()`` and ``finalize()`` raise RuntimeError inside the block: the
+        parameters do not hold the training weights the running episode belongs to.
+        """
+        self._refuse_in_anchor_view("anchor_weights()")
         saved = []
         with torch.no_grad():
             for w, st, group in list(self._running_episodes()):
                 idx = positions(w, st)[: st["support_size"]].long()
                 saved.append((w, idx, sharding.flat(sharding.local(w))[idx].clone()))
                 episode.merge(w, st, group, 0.0)
+        self._in_anchor_view = True
         try:
             yield self
         finally:
+            self._in_anchor_view = False
             with torch.no_grad():
                 for w, idx, values in saved:
                     sharding.flat(sharding.local(w)).index_copy_(0, idx, values)
+
+    def _refuse_in_anchor_view(self, what: str) -> None:
+        if self._in_anchor_view:
+            raise RuntimeError(
+                f"GMixoutOptimizer.{what} inside `with opt.anchor_weights():`: the parameters hold the anchor "
+                "there, not the training weights of the running episode, so a step would be lost and a "
+                "checkpoint would not resume. Call it after the with-block (evaluate or save the model inside "
+                "it), or call finalize() to make the anchor the model")
 
     # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's layout (state keyed by position in ``param_groups``) plus a ``gmixout`` block;
         DTensor parameters' compact state as DTensors (see :mod:`gmixout_optim.checkpoint`)."""
+        self._refuse_in_anchor_view("state_dict()")
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = checkpoint.state_dict(self)
@@ -371,6 +392,7 @@ class GMixoutOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()`` (format 1 or 2, directly or through DCP); tensors are
         copied, keeping their dtypes (indices stay integers)."""
+        self._refuse_in_anchor_view("load_state_dict()")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

@@ -59,6 +59,44 @@ def through_bytes(obj):
     return torch.load(buf, weights_only=True)
 
 
+# ----------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_and_checkpoint_inside_anchor_weights_are_refused(dtype):
+    """Inside the block the parameters hold the anchor, not the training weights: a step
+    there would be lost on exit and a checkpoint would pair anchor weights with the running
+    episode's residual. Both are refused (nothing changes), and training goes on afterwards
+    exactly as if the block had never been entered."""
+    def trained():
+        params = make_params([(9, 7), (13,)], dtype)
+        opt = GMixoutOptimizer(params, inner="AdamW", p=0.6, resample_every=4, lr=5e-2)
+        for t in range(2):
+            set_grads(params, t)
+            opt.step()
+        return params, opt
+
+    params, opt = trained()
+    ref_params, ref_opt = trained()
+    with opt.anchor_weights():
+        inside = snapshot(params)
+        set_grads(params, 2)
+        with pytest.raises(RuntimeError, match=r"anchor_weights\(\)"):
+            opt.step()
+        assert all(torch.equal(flat(w), x) for w, x in zip(params, inside)), "a refused step changed weights"
+        with pytest.raises(RuntimeError, match=r"anchor_weights\(\)"):
+            opt.state_dict()
+        for method in ("consolidate", "finalize"):
+            with pytest.raises(RuntimeError, match=r"anchor_weights\(\)"):
+                getattr(opt, method)()
+        assert all(torch.equal(flat(w), x) for w, x in zip(params, inside))
+    for t in range(2, 7):
+        for ps, o in ((params, opt), (ref_params, ref_opt)):
+            set_grads(ps, t)
+            o.step()
+    for a, b in zip(params, ref_params):
+        assert torch.equal(a, b)
+    assert_same(through_bytes(opt.state_dict()), through_bytes(ref_opt.state_dict()))
+
+
 # ----------------------------------------------------------------------------- items 3, 4
 @pytest.mark.parametrize("inner, kw", [("SGD", dict(lr=0.1)), ("AdamW", dict(lr=5e-2))])
 def test_ema_decay_one_gives_back_the_pretrained_fp32_weights_bitwise(inner, kw):
