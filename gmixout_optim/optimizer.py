@@ -20,7 +20,8 @@ from . import checkpoint, episode, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
 from .state import drop_compact, positions
-from .step import Work, all_finite, collect, gather_grads, gmixout_step, initialize_inner, resolve
+from .step import (Work, all_finite, clear_unstepped, collect, gather_grads, gmixout_step, initialize_inner,
+                   resolve)
 
 __all__ = ["GMixoutOptimizer", "find_gmixout"]
 
@@ -113,6 +114,9 @@ class GMixoutOptimizer(Optimizer):
         self._locator: Callable | None = None
         self._sync_group: Any = "auto"
         self._in_anchor_view = False
+        # Inner-state entries laid out by an init-only step and not stepped since (keyed by the
+        # residual or the dense parameter): see step.initialize_inner.
+        self._unstepped: set[torch.Tensor] = set()
         self.skipped_steps = 0
         defaults = dict(inner_opt.defaults)
         defaults.update(gmixout=True, **{k: checked[k] for k in ("p", "ema_decay", "resample_every")})
@@ -245,6 +249,7 @@ class GMixoutOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group["gmixout"] and group_index in (None, gi):
                 for w in group["params"]:
+                    self._unstepped.discard(self._state.get(w, {}).get("residual"))
                     drop_compact(self._state, self._state.get(w, {}))
                     self._state[w] = {"episode": episode_number, "episode_step": 0}
 
@@ -282,7 +287,7 @@ class GMixoutOptimizer(Optimizer):
         finite = init_only or not self._skip_nonfinite or all_finite(unfused, fused, dense)
         init_only, finite = sharding.agree(sync, init_only, finite)
         if init_only:
-            initialize_inner(self._inner, self._state, work, dense)
+            initialize_inner(self._inner, self._state, work, dense, self._unstepped)
             return loss
         if not finite:
             for item in unfused:
@@ -291,6 +296,8 @@ class GMixoutOptimizer(Optimizer):
             warnings.warn(f"GMixoutOptimizer: non-finite gradient, step skipped "
                           f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
             return loss
+        if self._unstepped:
+            clear_unstepped(self._state, self._unstepped, [item.st["residual"] for item in work] + dense)
         gmixout_step(self._inner, self._state, unfused, fused, dense)
         for (w, group, gi, i), item in zip(sparse, work):
             item.st["episode_step"] += 1
@@ -339,6 +346,7 @@ class GMixoutOptimizer(Optimizer):
 
     def _close_episodes(self, merge_running: bool) -> None:
         for w, st, group in list(self._running_episodes()):
+            self._unstepped.discard(st["residual"])
             coeff = episode.merge_coefficient(group, self._merge) if merge_running else 0.0
             episode.close(self._state, w, st, group, coeff)
 
@@ -382,7 +390,7 @@ class GMixoutOptimizer(Optimizer):
         self._refuse_in_anchor_view("state_dict()")
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        state_dict = checkpoint.state_dict(self)
+        state_dict = checkpoint.state_dict(self, self._unstepped)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -397,7 +405,7 @@ class GMixoutOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        checkpoint.load_state_dict(self, state_dict)
+        self._unstepped = checkpoint.load_state_dict(self, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -31,7 +31,7 @@ from .sharding import flat, flat_grad, local
 from .state import SUPPORT_SIZE, anchor, positions
 
 __all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "collect", "Work", "gather_grads", "all_finite",
-           "gmixout_step", "inner_step", "initialize_inner"]
+           "gmixout_step", "inner_step", "initialize_inner", "clear_unstepped"]
 
 
 class Kernels(NamedTuple):
@@ -219,13 +219,17 @@ def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work],
 
 
 def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work],
-                     dense: list[torch.Tensor]) -> None:
-    """Create the inner state without changing a weight or counting a step.
+                     dense: list[torch.Tensor], unstepped: set) -> None:
+    """Lay out the inner state without changing a weight or counting a step.
 
-    Engines probe an optimizer with an all-zero-gradient step (DeepSpeed ZeRO-3 at init,
-    DCP's ``_init_optim_state``) to lay out its state. The inner optimizer steps with lr 0
-    and zero residual gradients, dense weights are restored, and its step counters are
-    zeroed, so the next real step is the first one.
+    Engines probe an optimizer with an all-zero-gradient step (DeepSpeed ZeRO-3 at init, DCP's
+    ``_init_optim_state``) to lay out its state, which DCP then loads into in place. The inner
+    optimizer steps with lr 0 and zero residual gradients, so every entry exists; dense weights
+    are restored and step counters zeroed. What else that update wrote is not a first step's
+    state (Rprop's step sizes and ASGD's eta start from the lr, 0 here; NAdam's mu_product;
+    Adam's coupled weight decay in the moments; SGD's momentum buffer with dampening), so the
+    entries are added to ``unstepped``: the next real step that reaches them clears them first
+    (:func:`clear_unstepped`) and the inner optimizer creates them as in a fresh run.
     """
     for item in work:
         residual = item.st["residual"]
@@ -242,8 +246,12 @@ def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work]
         for group, lr in zip(inner.param_groups, saved_lrs):
             if lr is not None:
                 group["lr"] = lr
+        for item in work:
+            item.st["residual"].grad = None
     for w, saved in zip(dense, saved_weights):
         w.copy_(saved)
+    for item in work:
+        item.st["residual"].zero_()  # v = 0 at an episode start, whatever the update did
     for t in [item.st["residual"] for item in work] + list(dense):
         inner_state = state.get(t, {})
         step = inner_state.get("step")
@@ -251,5 +259,13 @@ def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work]
             step.zero_()
         elif step is not None:
             inner_state["step"] = 0
-    for item in work:
-        item.st["residual"].grad = None
+        unstepped.add(t)
+
+
+def clear_unstepped(state: dict, unstepped: set, tensors: list[torch.Tensor]) -> None:
+    """Drop the probe's layout of the inner state of ``tensors`` (see :func:`initialize_inner`)
+    before their first real step."""
+    for t in tensors:
+        if t in unstepped:
+            unstepped.discard(t)
+            state.pop(t, None)

@@ -97,6 +97,53 @@ def test_step_and_checkpoint_inside_anchor_weights_are_refused(dtype):
     assert_same(through_bytes(opt.state_dict()), through_bytes(ref_opt.state_dict()))
 
 
+# ----------------------------------------------------------------------------- item 2
+ALL_INNERS = {
+    "Adam": dict(lr=1e-2, weight_decay=1e-2),
+    "AdamW": dict(lr=1e-2, weight_decay=1e-2),
+    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=1e-3),
+    "Rprop": dict(lr=1e-2),
+    "ASGD": dict(lr=1e-2, t0=2.0),
+    "NAdam": dict(lr=1e-2),
+    "RAdam": dict(lr=1e-2),
+    "Adamax": dict(lr=1e-2),
+    "Adagrad": dict(lr=1e-1),
+    "Adadelta": dict(lr=1.0),
+    "RMSprop": dict(lr=1e-2, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_INNERS))
+def test_init_only_step_changes_and_counts_nothing_for_every_torch_optimizer(name):
+    """The all-zero-gradient first step (ZeRO-3's init, DCP's _init_optim_state) lays out
+    state and leaves the run exactly as an optimizer that never saw it: weights, counters
+    and the inner optimizer's state (Rprop's step sizes, ASGD's eta/mu, NAdam's mu_product,
+    SGD's momentum buffer with dampening) after the real steps are bitwise the same."""
+    def run(probe):
+        params = make_params([(12, 10), (20,), (10,)])
+        groups = [{"params": params[:2]}, {"params": params[2:], "gmixout": False}]
+        opt = GMixoutOptimizer(groups, inner=name, p=0.6, resample_every=3, **ALL_INNERS[name])
+        if probe:
+            for w in params:
+                w.grad = torch.zeros_like(w)
+            before = snapshot(params)
+            opt.step()
+            assert all(torch.equal(flat(w), x) for w, x in zip(params, before))
+            for w in params[:2]:
+                assert w in opt.state and "support" in opt.state[w], "the init step lays out GMixout state"
+                assert (opt.state[w]["episode"], opt.state[w]["episode_step"]) == (0, 0)
+        for t in range(5):
+            set_grads(params, t)
+            opt.step()
+        return params, opt
+
+    probed, probed_opt = run(True)
+    plain, plain_opt = run(False)
+    for a, b in zip(probed, plain):
+        assert torch.equal(a, b), f"{name}: the init step changed the run"
+    assert_same(through_bytes(probed_opt.state_dict()), through_bytes(plain_opt.state_dict()))
+
+
 # ----------------------------------------------------------------------------- items 3, 4
 @pytest.mark.parametrize("inner, kw", [("SGD", dict(lr=0.1)), ("AdamW", dict(lr=5e-2))])
 def test_ema_decay_one_gives_back_the_pretrained_fp32_weights_bitwise(inner, kw):
