@@ -353,7 +353,8 @@ def test_compiled_step_matches_eager_from_the_first_call():
 # ----------------------------------------------------------------------------- item 10
 def test_a_parameter_listed_twice_is_refused():
     (w,) = make_params([(4, 3)])
-    with pytest.raises(ValueError, match=r"param group 0[\s\S]*more than once"):
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"param group 0[\s\S]*more than once"):
+        warnings.simplefilter("ignore")  # torch's own warning, from building the inner optimizer first
         GMixoutOptimizer([w, w], inner="SGD", lr=0.1)
     with pytest.raises(ValueError, match=r"more than once|more than one parameter group"):
         GMixoutOptimizer([{"params": [w]}, {"params": [w]}], inner="SGD", lr=0.1)
@@ -377,3 +378,30 @@ def test_skipped_steps_are_saved_in_checkpoints():
     fresh = GMixoutOptimizer(make_params([(6, 4)]), inner="AdamW", p=0.5, resample_every=3, lr=1e-2)
     fresh.load_state_dict(through_bytes(opt.state_dict()))
     assert fresh.skipped_steps == 1
+
+
+# ----------------------------------------------------------------------------- item 13 (last sentence)
+def test_accelerate_fsdp_config_on_cpu_warns_that_it_runs_without_sharding(monkeypatch):
+    """accelerate launch --config_file configs/accelerate/fsdp2.yaml on CPU sets
+    ACCELERATE_USE_FSDP but Accelerate runs plain (multi-)CPU data parallel: say so."""
+    pytest.importorskip("accelerate")
+    from accelerate.utils import DistributedType
+
+    from gmixout_optim.integrations import accelerate as gacc
+
+    class CpuAccelerator:  # what Accelerate reports on CPU under an FSDP config
+        distributed_type = DistributedType.MULTI_CPU
+
+        def prepare(self, *objects):
+            return objects
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    params = make_params([(4, 3)])
+    opt = GMixoutOptimizer(params, inner="SGD", lr=0.1)
+    model = torch.nn.Linear(3, 4)
+    with pytest.warns(UserWarning, match=r"FSDP[\s\S]*MULTI_CPU"):
+        gacc.prepare(CpuAccelerator(), model, opt)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gacc.prepare(CpuAccelerator(), model, GMixoutOptimizer(make_params([(4, 3)]), inner="SGD", lr=0.1))
