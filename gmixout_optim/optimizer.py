@@ -398,7 +398,7 @@ class GMixoutOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` (format 1 or 2, directly or through DCP); tensors are
+        """Load a ``state_dict()`` (format 1, 2 or 3, directly or through DCP); tensors are
         copied, keeping their dtypes (indices stay integers)."""
         self._refuse_in_anchor_view("load_state_dict()")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -314,6 +314,28 @@ def test_channels_last_and_transposed_weights_train_like_contiguous_ones(inner, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("inner, kw", [("AdamW", dict(lr=5e-2)), ("SGD", dict(lr=0.1, momentum=0.9))])
+def test_channels_last_on_the_triton_path(inner, kw):
+    """The same through the Triton kernels (the fused AdamW step included): Triton's
+    interpreter on CPU, the compiled kernels on a GPU."""
+    from gmixout_optim import kernels
+
+    before = kernels.get_backend()
+    kernels.set_backend("triton")
+    try:
+        cl = _conv_params(torch.channels_last)
+        dense = _conv_params(torch.contiguous_format)
+        opts = [GMixoutOptimizer(ps, inner=inner, p=0.6, ema_decay=0.3, resample_every=3, **kw) for ps in (cl, dense)]
+        for t in range(5):
+            for ps, o in zip((cl, dense), opts):
+                set_grads(ps, t)
+                o.step()
+    finally:
+        kernels.set_backend(before)
+    for a, b in zip(cl, dense):
+        assert torch.equal(a, b)
+
+
 def test_non_contiguous_gradient_on_a_contiguous_weight():
     a = make_params([(6, 4)])
     b = make_params([(6, 4)])
