@@ -65,6 +65,9 @@ def summarize(result: dict) -> list[dict]:
         alphas = [r["extra"]["wise_alpha"] for r in recs if "wise_alpha" in r.get("extra", {})]
         if alphas:
             row["wise_alpha"] = alphas
+        probe_c = [r["extra"]["lp_c"] for r in recs if "lp_c" in r.get("extra", {})]
+        if probe_c:
+            row["lp_c"] = probe_c
         soups = [len(r["extra"]["ingredients"]) for r in recs if method.startswith("soup_")]
         if soups:
             row["ingredients"] = soups
@@ -143,6 +146,8 @@ def markdown_table(rows: list[dict]) -> str:
             (f"none (lr={r.get('lr')} set in the config)" if r.get("lr") is not None else "none")
         if "wise_alpha" in r:
             chosen += f"; alpha={r['wise_alpha']}"
+        if "lp_c" in r:
+            chosen += f"; probe C={r['lp_c']}"
         if "ingredients" in r:
             chosen += f"; models in the soup per seed: {r['ingredients']}"
         d = [_interval(r.get("d_id")), _interval(r.get("d_ood"))] if paired else []
