@@ -15,9 +15,8 @@ gradient and index dtype. Per step and lane:
 2. fused: ``fused_adamw_step_grouped`` reads the compact gradients (without the check, the
    gradients themselves), the step counts, lr and the support sizes on the device and honours
    the flag: a skipped step changes no weight, state or step count;
-   unfused: the compact gradients are the residuals' ``.grad``; ``A[S]`` is read
-   (``support_anchor_grouped``, or the stored 16-bit anchor), the inner optimizer steps, and
-   ``write_weights_grouped`` writes ``W[S] = A[S] + v/keep``.
+   unfused: the compact gradients are the residuals' ``.grad``, the inner optimizer steps, and
+   ``write_weights_grouped`` writes ``W[S] = A[S] + v/keep`` from the stored anchor.
 
 The verdict is read without waiting for it: the flag is copied to pinned memory behind an
 event and read at a later step, so ``skipped_steps`` and the warning come one step late
@@ -53,18 +52,18 @@ import torch
 from .episode import merge_coefficient
 from .kernels import (RemapPlan, SupportPlan, TensorGroup, draw_support_grouped, fused_adamw_step_grouped,
                       gather_grad_grouped, merge_episode_grouped, read_anchor_grouped, remap_state_grouped,
-                      support_anchor_grouped, write_weights_grouped)
-from .kernels._common import compute_dtype
+                      write_weights_grouped)
 from .kernels._dispatch import note
 from .kernels._table import upload
-from .sharding import agree, agrees_alone, local, vote_device
-from .state import SUPPORT_SIZE, capacity, per_element_keys
-from .step import Work, adam_hyperparameters, adam_state, inner_step
+from .sharding import agree, agrees_alone, flat, flat_grad, local, vote_device
+from .state import SUPPORT_SIZE, anchor, capacity, per_element_keys
+from .step import Work, adam_hyperparameters, adam_state, clear_unstepped, inner_step
 
-__all__ = ["set_enabled", "is_enabled", "takes", "step", "redraw", "settle"]
+__all__ = ["set_enabled", "is_enabled", "takes", "step", "redraw", "settle", "CACHE_ATTR"]
 
 _enabled = True
-_ATTR = "_grouped_cache"  # the optimizer's cache (see _cache)
+# The optimizer attribute holding its cache (see _cache); a copy of the optimizer leaves it out.
+CACHE_ATTR = "_grouped_cache"
 
 
 def set_enabled(flag: bool) -> None:
@@ -92,12 +91,11 @@ class _Lane:
     def __init__(self, items: list[Work], key: tuple, device: torch.device):
         self.key = key
         sizes = [item.st[SUPPORT_SIZE] for item in items]
-        self.group = TensorGroup([local(item.w).view(-1) for item in items], [item.st["support"] for item in items],
+        self.group = TensorGroup([flat(local(item.w)) for item in items], [item.st["support"] for item in items],
                                  [1.0 - item.group["p"] for item in items], upload(sizes, torch.int64, device))
         self.fused = items[0].impl == "fused"  # else the inner optimizer steps the residuals
         self.plans: tuple[SupportPlan, RemapPlan] | None = None  # built at the lane's first grouped redraw
         self.compact: list[torch.Tensor] | None = None
-        self.anchors: list[torch.Tensor] | None = None
         self.steps: torch.Tensor | None = None
         self.step_views: list[torch.Tensor] = []
 
@@ -108,14 +106,6 @@ class _Lane:
             flat = torch.empty(sum(g.capacities), dtype=torch.float32, device=g.device)
             self.compact = list(torch.split(flat, g.capacities))
         return self.compact
-
-    def anchor_values(self, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``A[S]`` before the inner step: computed for fp32/fp64 weights, stored for 16-bit ones."""
-        g = self.group
-        if self.anchors is None:
-            flat = torch.empty(sum(g.capacities), dtype=compute_dtype(g.dtype), device=g.device)
-            self.anchors = list(torch.split(flat, g.capacities))
-        return support_anchor_grouped(g, residuals, self.anchors)
 
     def step_counts(self, inner_states: list[dict]) -> torch.Tensor:
         """The lane's step-count vector, every ``inner_state["step"]`` a view of it."""
@@ -146,27 +136,31 @@ class _Cache:
 
 
 def _cache(opt) -> _Cache:
-    cache = vars(opt).get(_ATTR)
+    cache = vars(opt).get(CACHE_ATTR)
     if cache is None:
-        cache = vars(opt)[_ATTR] = _Cache()
+        cache = vars(opt)[CACHE_ATTR] = _Cache()
     return cache
 
 
 def takes(fused: list[Work], unfused: list[Work], dense: list[torch.Tensor]) -> bool:
-    """Whether this step runs grouped (see the module docstring; init-only steps are the caller's)."""
+    """Whether this step runs grouped (see the module docstring; init-only steps are the caller's).
+
+    Row-major weights only (others address their support through memory positions), whose
+    stored anchor has their dtype (a weight cast mid-episode keeps its old anchor until the
+    next episode start)."""
     work = fused + unfused
     if not _enabled or not work or any(item.impl not in ("fused", "triton") for item in work):
         return False
     device = local(work[0].w).device
-    return (all(local(item.w).device == device for item in work)
+    return (all(local(item.w).device == device and local(item.w).is_contiguous()
+                and item.st.get("anchor", item.w).dtype == item.w.dtype for item in work)
             and all(local(w.grad).device == device for w in dense))
 
 
 def _lanes(cache: _Cache, fused: list[Work], device: torch.device) -> list[tuple[_Lane, list[Work]]]:
     by_lane: dict[tuple, list[Work]] = {}
     for item in fused:
-        lane_id = (id(item.group), item.impl, item.w.dtype, item.w.grad.dtype, item.st["support"].dtype,
-                   "anchor" in item.st)
+        lane_id = (id(item.group), item.impl, item.w.dtype, item.w.grad.dtype, item.st["support"].dtype)
         by_lane.setdefault(lane_id, []).append(item)
     lanes = {}
     for lane_id, items in by_lane.items():
@@ -229,7 +223,7 @@ def _count_skip(opt, late: bool) -> None:
 def settle(opt, wait: bool = True) -> None:
     """Read the verdicts of earlier grouped steps: count and warn about each skipped one and step
     its episode counters back. ``wait=False`` reads only those already on the host."""
-    cache = vars(opt).get(_ATTR)
+    cache = vars(opt).get(CACHE_ATTR)
     while cache is not None and cache.pending:
         record = cache.pending[0]
         if record.event is not None and not record.event.query():
@@ -268,7 +262,10 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
     work = fused + unfused
     device = local(work[0].w).device
     lanes = _lanes(cache, work, device)
-    grads = {id(lane): [local(item.w.grad).view(-1) for item in items] for lane, items in lanes}
+    grads = {id(lane): [flat_grad(item.w) for item in items] for lane, items in lanes}
+    # A[S]: stored, or derived once after loading a checkpoint of format 2 or older
+    anchors = {id(lane): [anchor(item.w, item.st, 1.0 - item.group["p"], item.kernels.support_anchor)
+                          for item in items] for lane, items in lanes}
     flag = _flag(cache, device) if opt._skip_nonfinite else None
     for lane, _ in lanes:  # a fused lane without the check reads the gradients itself
         if flag is not None or not lane.fused:
@@ -296,6 +293,8 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
         found_inf = None
     else:
         found_inf = flag if agreed is None else agreed
+    if opt._unstepped:  # an engine's probe laid out inner state: gone before the first real step
+        clear_unstepped(state, opt._unstepped, [item.st["residual"] for item in work] + dense)
     stepped_by_inner = []  # (lane, residuals, A[S]) of the lanes the inner optimizer steps
     for lane, items in lanes:
         group = items[0].group
@@ -303,8 +302,7 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
         if not lane.fused:
             for residual, g in zip(residuals, lane.compact_grads()):
                 residual.grad = g
-            anchors = [item.st["anchor"] for item in items] if "anchor" in items[0].st else lane.anchor_values(residuals)
-            stepped_by_inner.append((lane, residuals, anchors))
+            stepped_by_inner.append((lane, residuals, anchors[id(lane)]))
             continue
         inner_states = [adam_state(state, r) for r in residuals]
         lr = group["lr"]
@@ -312,7 +310,7 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
         fused_adamw_step_grouped(
             lane.group, None if flag is not None else grads[id(lane)], residuals,
             [s["exp_avg"] for s in inner_states], [s["exp_avg_sq"] for s in inner_states],
-            [item.st.get("anchor") for item in items], steps=lane.step_counts(inner_states), lr=lr,
+            anchors[id(lane)], steps=lane.step_counts(inner_states), lr=lr,
             compact_grads=lane.compact_grads() if flag is not None else None, found_inf=found_inf,
             **adam_hyperparameters(group, inner))
     if dense or stepped_by_inner:
@@ -342,7 +340,7 @@ def redraw(opt, ending: list[tuple]) -> list[tuple]:
     into the state's buffers) and one host sync (the sizes, for the capacity check and the
     host's ``support_size``) per lane. Returns the tensors left to the per-tensor redraw
     (``episode.merge`` / ``episode.start``)."""
-    cache = vars(opt).get(_ATTR)
+    cache = vars(opt).get(CACHE_ATTR)
     stepped, rest = (cache.stepped if cache is not None else None), list(ending)
     if cache is not None:
         cache.stepped = None
@@ -379,7 +377,7 @@ def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
     if any(m > cap for m, cap in zip(sizes, plan.capacities)):
         return False  # ~1e-9 a draw: the per-tensor path grows the buffers (and says so)
     residuals = [item.st["residual"] for item in items]
-    anchors = [item.st.get("anchor") for item in items]
+    anchors = [item.st["anchor"] for item in items]  # stored: the step just taken made sure
     merge_episode_grouped(group, residuals, anchors,
                           [merge_coefficient(item.group, opt.merge_rule) for item in items])
     if not inner_states[0]:
@@ -405,6 +403,5 @@ def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
     torch._foreach_zero_(residuals)
     lane.group = TensorGroup(group.params, supports, group.keeps, n)
     lane.key = _key(items)
-    if anchors[0] is not None:
-        read_anchor_grouped(lane.group, anchors)
+    read_anchor_grouped(lane.group, anchors)  # W = A on the new support: A[S] stored exactly
     return True
