@@ -425,6 +425,7 @@ class GMixoutOptimizer(Optimizer):
         """Load a ``state_dict()`` (format 1, 2 or 3, directly or through DCP); tensors are
         copied, keeping their dtypes (indices stay integers)."""
         self._refuse_in_anchor_view("load_state_dict()")
+        grouped.settle(self)  # pending verdicts belong to the run being replaced, not the loaded one
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

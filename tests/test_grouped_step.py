@@ -268,3 +268,26 @@ def test_an_unfused_grouped_step_is_one_launch_per_op():
             opt.step()
     counts = {key: n for key, n in events.items() if key[1] != "copy"}
     assert counts == {("launch", "found_inf"): 1, ("launch", "gather"): 1, ("launch", "write"): 1, **({("sync", "found_inf"): 1} if DEVICE == "cuda" else {})}
+
+
+def test_a_copy_takes_the_pending_verdict_and_steps_like_the_original():
+    """``copy.deepcopy`` with a verdict still pending: the copy counts it and, with an empty
+    grouped cache (the original's tables point at the original's tensors), steps like it."""
+    grouped.set_enabled(True)
+    params, _ = _model(torch.float32, False)
+    opt = _optimizer(params)
+    for t in range(2):
+        _grads(params, [], t, nonfinite=(1,))  # step 1 is mid-episode: its verdict is pending
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+    with pytest.warns(RuntimeWarning, match="non-finite"):  # the copy reads the pending verdict
+        twin_params, twin = copy.deepcopy((params, opt))
+    assert grouped.CACHE_ATTR not in vars(twin)
+    assert twin.skipped_steps == opt.skipped_steps == 1
+    for ps, o in ((params, opt), (twin_params, twin)):
+        _grads(ps, [], 2, ())
+        o.step()
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+    assert [twin.state[p]["episode_step"] for p in twin_params] == [opt.state[p]["episode_step"] for p in params]
