@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, episode, hparams, sharding
+from . import checkpoint, episode, grouped, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
 from .state import drop_compact, positions
@@ -72,7 +72,9 @@ class GMixoutOptimizer(Optimizer):
     Non-finite gradients: with ``skip_nonfinite=True`` (default) a step whose gradients
     on the support (or on a dense parameter) hold inf/nan is skipped as a whole: no
     weight, state or counter changes, and ``skipped_steps`` counts it (as a loss scaler
-    would). With ``False`` no check is made (one device sync less per step).
+    would). With ``False`` no check is made (one device sync less per step). On the grouped
+    GPU path (see docs/DESIGN.md) the check stays on the device and the count and warning
+    come one step late; reading ``skipped_steps`` waits for the last verdict.
 
     Args:
         params: parameters or param groups, or an existing torch optimizer to wrap.
@@ -145,6 +147,16 @@ class GMixoutOptimizer(Optimizer):
     def seed(self) -> int:
         """The seed of the support draws."""
         return self._seed
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (waits for a grouped step's pending verdict)."""
+        grouped.settle(self)
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = value
 
     @property
     def param_groups(self) -> list[dict]:
@@ -283,6 +295,10 @@ class GMixoutOptimizer(Optimizer):
             work.append(Work(w, st, group, *resolve(w, group, self._inner)))
         fused = [item for item in work if item.impl == "fused"]
         unfused = [item for item in work if item.impl != "fused"]
+        if not init_only and grouped.takes(fused, unfused, dense):
+            if grouped.step(self, fused, unfused, dense, sync):
+                self._count_step(sparse, work)
+            return loss
         gather_grads(unfused)
         finite = init_only or not self._skip_nonfinite or all_finite(unfused, fused, dense)
         init_only, finite = sharding.agree(sync, init_only, finite)
@@ -299,14 +315,21 @@ class GMixoutOptimizer(Optimizer):
         if self._unstepped:
             clear_unstepped(self._state, self._unstepped, [item.st["residual"] for item in work] + dense)
         gmixout_step(self._inner, self._state, unfused, fused, dense)
+        self._count_step(sparse, work)
+        return loss
+
+    def _count_step(self, sparse: list, work: list[Work]) -> None:
+        """Advance the episode counters of the tensors stepped; merge and redraw where one ends."""
+        ending = []
         for (w, group, gi, i), item in zip(sparse, work):
             item.st["episode_step"] += 1
             if item.st["episode_step"] >= group["resample_every"]:
-                episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
-                item.st["episode"] += 1
-                item.st["episode_step"] = 0
-                self._start_episode(w, item.st, group, gi, i)
-        return loss
+                ending.append((w, group, gi, i, item))
+        for w, group, gi, i, item in grouped.redraw(self, ending):  # those it did not redraw grouped
+            episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
+            item.st["episode"] += 1
+            item.st["episode_step"] = 0
+            self._start_episode(w, item.st, group, gi, i)
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
         self._check_layout(w, gi, i)  # again: a weight may be swapped after construction (w.data = ...)
@@ -388,6 +411,7 @@ class GMixoutOptimizer(Optimizer):
         """Torch's layout (state keyed by position in ``param_groups``) plus a ``gmixout`` block;
         DTensor parameters' compact state as DTensors (see :mod:`gmixout_optim.checkpoint`)."""
         self._refuse_in_anchor_view("state_dict()")
+        grouped.settle(self)  # episode counters of grouped steps whose verdict is pending
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = checkpoint.state_dict(self, self._unstepped)
@@ -401,6 +425,7 @@ class GMixoutOptimizer(Optimizer):
         """Load a ``state_dict()`` (format 1, 2 or 3, directly or through DCP); tensors are
         copied, keeping their dtypes (indices stay integers)."""
         self._refuse_in_anchor_view("load_state_dict()")
+        grouped.settle(self)  # pending verdicts belong to the run being replaced, not the loaded one
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -417,7 +442,9 @@ class GMixoutOptimizer(Optimizer):
             raise TypeError("a GMixoutOptimizer with a locator (set by an engine integration: DeepSpeed, FSDP1) "
                             "cannot be copied: the locator refers to the original tensors. Copy it before the "
                             "engine takes it, or save and load its state_dict()")
+        grouped.settle(self)  # the copy's cache starts empty (its tables point at our tensors)
         state = dict(self.__dict__)
+        state.pop(grouped.CACHE_ATTR, None)
         # The inner optimizer travels as its class and attributes: its own __setstate__ would
         # "upgrade" the state of every parameter it lists, which for a GMixout tensor is
         # GMixout's entry, not the inner optimizer's.

@@ -23,7 +23,7 @@ from .engine_internals import require_import
 from .kernels import Segment
 
 __all__ = ["is_dtensor", "local", "memory_order", "flat", "flat_grad", "memory_positions", "default_key", "shard_mesh_dim", "dtensor_segments", "default_segments",
-           "check_segments", "shard_group", "sync_group", "agrees_alone", "agree", "SYNC_SETTINGS"]
+           "check_segments", "shard_group", "sync_group", "agrees_alone", "agree", "vote_device", "SYNC_SETTINGS"]
 
 try:  # FSDP2 parameters are DTensors: the optimizer works on their local shards.
     from torch.distributed.tensor import DTensor as _DTensor
@@ -180,9 +180,15 @@ def agree(group: Any, init_only: bool, finite: bool) -> tuple[bool, bool]:
     if group is _NO_AGREEMENT:
         return init_only, finite
     import torch.distributed as dist
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    votes = torch.tensor([float(not init_only), float(not finite)], device=device)
+    votes = torch.tensor([float(not init_only), float(not finite)], device=vote_device(group))
     dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
     return votes[0].item() == 0.0, votes[1].item() == 0.0
+
+
+def vote_device(group: Any) -> torch.device:
+    """Where the ranks' votes are all-reduced: the current CUDA device under NCCL, else the CPU
+    (the grouped step votes there too, with the same two values, so the ranks' calls match)."""
+    import torch.distributed as dist
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

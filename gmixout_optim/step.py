@@ -181,24 +181,35 @@ def inner_step(inner: torch.optim.Optimizer, state: dict, skip: set = frozenset(
         inner.step()
 
 
-def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
-    st, group = item.st, item.group
-    residual = st["residual"]
+def adam_state(state: dict, residual: torch.Tensor) -> dict:
+    """The inner (torch AdamW layout) state of a fused residual, created at its first step."""
     inner_state = state[residual]
     if not inner_state:
         inner_state["step"] = torch.tensor(0.0)
         inner_state["exp_avg"] = torch.zeros_like(residual)
         inner_state["exp_avg_sq"] = torch.zeros_like(residual)
-    inner_state["step"] += 1
+    return inner_state
+
+
+def adam_hyperparameters(group: dict, inner: torch.optim.Optimizer) -> dict:
+    """The fused kernels' Adam/AdamW keywords of ``group`` (all but ``step`` and ``lr``)."""
     beta1, beta2 = group["betas"]
     decoupled = isinstance(inner, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+    return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), decoupled=bool(decoupled))
+
+
+def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
+    st, group = item.st, item.group
+    residual = st["residual"]
+    inner_state = adam_state(state, residual)
+    inner_state["step"] += 1
     item.kernels.fused_adamw_step(
         flat(local(item.w)), flat_grad(item.w), positions(item.w, st), st[SUPPORT_SIZE], residual,
         inner_state["exp_avg"], inner_state["exp_avg_sq"],
         anchor(item.w, st, _keep(group), item.kernels.support_anchor),
-        step=int(inner_state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
-        beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-        decoupled=bool(decoupled), keep=_keep(group))
+        step=int(inner_state["step"].item()), lr=float(group["lr"]), keep=_keep(group),
+        **adam_hyperparameters(group, inner))
 
 
 def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work], fused: list[Work],
