@@ -74,6 +74,10 @@ def test_clip_zero_shot_model_trains_and_evaluates_the_same(tmp_path, cifar, cap
     assert json.loads(scores.read_text())["scores"]["cifar100-c:fog:3"] == rec["test"]["cifar100-c:fog:3"]
 
 
-def test_missing_root_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+def test_missing_root_is_a_clear_error(tmp_path, capsys):
+    """Checked before training: one line naming the expected layout, exit code 2 (no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
         _train(tmp_path, tmp_path, "efficientnet_lite0", "methods=[full_ft]")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cifar-100-python" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -86,7 +86,7 @@ def test_code_version_follows_the_training_sources(tmp_path, monkeypatch):
     copy = tmp_path / "gmixout_optim"
     import shutil
 
-    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(pkg, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(EX, "__file__", str(copy / "finetune" / "experiment.py"))
     EX.code_version.cache_clear()
     try:
