@@ -71,6 +71,7 @@ MODE_SPEC = {  # parameter dtype, autocast, optimizer, capture_grads
 IMAGE_SIZE = 112
 P_MASK = 0.9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's gmixout_optim, not an installed one
 
 
 # -- models -----------------------------------------------------------------------------
