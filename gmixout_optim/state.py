@@ -7,7 +7,9 @@
 - inside an episode, the compact buffers (:data:`COMPACT_KEYS`), all of length ``capacity``:
   ``support`` (sorted local indices, -1 padded), ``residual`` (fp32), ``anchor`` (16-bit
   tensors only: :math:`A[S]` in ``w``'s dtype), and ``support_size``, the number of used
-  slots ``n`` (an int, derived from ``support`` on load, never saved).
+  slots ``n`` (an int, derived from ``support`` on load, never saved);
+- with ``capture_grads``: ``grad``, the compact gradient buffer (fp32, length ``capacity``,
+  never saved; what its slots hold: :mod:`gmixout_optim.capture`), and ``grad_status``.
 
 The inner optimizer's state of the residual is ``opt.state[st["residual"]]``; its entries
 that are 1-D of length ``capacity`` follow the support (:func:`per_element_keys`).
@@ -21,12 +23,14 @@ import torch
 from .kernels import support_capacity
 from .sharding import local
 
-__all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "capacity", "per_element_keys", "ensure_buffers",
-           "drop_compact", "support_indices"]
+__all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "GRAD", "capacity", "per_element_keys", "ensure_buffers",
+           "ensure_grad_buffer", "drop_compact", "support_indices"]
 
 # A GMixout tensor's per-episode buffers; consolidate()/finalize() drop them.
 COMPACT_KEYS = ("support", "residual", "anchor")
 SUPPORT_SIZE = "support_size"
+# The captured gradient (capture_grads) and its status: transient, like param.grad, never saved.
+GRAD, GRAD_STATUS = "grad", "grad_status"
 
 
 def capacity(numel: int, keep: float) -> int:
@@ -64,11 +68,21 @@ def ensure_buffers(state: dict, w: torch.Tensor, st: dict, length: int) -> None:
         st["anchor"] = torch.zeros(length, dtype=w.dtype, device=w.device)
 
 
+def ensure_grad_buffer(w: torch.Tensor, st: dict) -> torch.Tensor:
+    """The compact gradient buffer of a captured tensor (``capture_grads``): fp32, as long as
+    the residual (it becomes the residual's gradient at the step: no second buffer)."""
+    length = st["residual"].numel()
+    buf = st.get(GRAD)
+    if buf is None or buf.numel() != length:
+        buf = st[GRAD] = torch.zeros(length, dtype=torch.float32, device=st["residual"].device)
+    return buf
+
+
 def drop_compact(state: dict, st: dict) -> None:
     """Forget the episode's buffers and the inner state of its residual (counters stay)."""
     if "residual" in st:
         state.pop(st["residual"], None)
-    for key in COMPACT_KEYS + (SUPPORT_SIZE,):
+    for key in COMPACT_KEYS + (SUPPORT_SIZE, GRAD, GRAD_STATUS):
         st.pop(key, None)
 
 
