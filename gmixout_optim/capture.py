@@ -35,8 +35,8 @@ import torch
 from .sharding import agrees_alone, is_dtensor, local
 from .state import GRAD, GRAD_STATUS, SUPPORT_SIZE, ensure_grad_buffer, support_indices
 
-__all__ = ["EMPTY", "SUMMED", "SCALED", "check_tensor", "check_world", "install_hook", "add", "scale", "clear",
-           "status", "total_norm"]
+__all__ = ["EMPTY", "SUMMED", "SCALED", "check_tensor", "check_world", "install_hook", "install_dense_hook", "add",
+           "scale", "clear", "status", "total_norm"]
 
 # st[GRAD_STATUS]: what the gradient of the residual holds this step (absent: EMPTY).
 EMPTY, SUMMED, SCALED = 0, 1, 2
@@ -87,6 +87,22 @@ def install_hook(opt: Any, w: torch.Tensor, where: str) -> Any:
         owner = ref()
         if owner is not None and getattr(param, _OWNER, None) is ref:
             owner._capture(param)
+
+    return w.register_post_accumulate_grad_hook(hook)
+
+
+def install_dense_hook(w: torch.Tensor) -> Any:
+    """On a dense parameter of a capturing optimizer that is an FSDP2 shard: FSDP2 writes every
+    shard gradient of a block as a view of ONE reduce-scatter buffer, so a single dense gradient
+    (a bias, a norm weight) would keep the whole block's buffer alive after the captured weight
+    gradients were freed. The hook gives that gradient its own storage (a copy of a small tensor)."""
+
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is not None:
+            shard = local(grad)
+            if shard.untyped_storage().nbytes() > shard.numel() * shard.element_size():
+                param.grad = grad.clone()
 
     return w.register_post_accumulate_grad_hook(hook)
 

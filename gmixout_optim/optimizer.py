@@ -199,6 +199,10 @@ class GMixoutOptimizer(Optimizer):
             for i, prm in enumerate(params):
                 if prm not in self._capture_hooks:
                     self._capture_hooks[prm] = capture.install_hook(self, prm, f"{where}, index {i}")
+        elif self._capture_grads:
+            for prm in params:
+                if sharding.is_dtensor(prm) and prm.requires_grad and prm not in self._capture_hooks:
+                    self._capture_hooks[prm] = capture.install_dense_hook(prm)
 
     # -- the public engine interface -------------------------------------------------------
 

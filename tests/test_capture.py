@@ -11,7 +11,7 @@ the optimizer's compact buffer and frees the dense gradient. The contract checke
 | ``opt.clip_grad_norm_`` | norm: rel 1e-6; weights: 1e-7 abs vs a float64 reference | clips the gradients the optimizer uses: ``grad[S]/keep`` of the GMixout tensors and the dense gradients; SGD makes the update show the clipped gradient |
 | non-finite gradient | no change, counted | as without capture |
 | DeepSpeed / DDP | refused with a clear error | DeepSpeed owns the gradient buffers; DDP's hook would see the local, not the averaged gradient |
-| FSDP2 on 2 gloo ranks (tests/distributed/capture_worker.py) | bitwise | its hooks run on the sharded parameter after the reduce-scatter |
+| FSDP2 on 2 gloo ranks (tests/distributed/capture_worker.py) | bitwise | its hooks run on the sharded parameter after the reduce-scatter; dense shard gradients get their own storage (else one keeps the block's whole reduce-scatter buffer alive) |
 """
 import json
 import math
@@ -258,6 +258,7 @@ def test_fsdp2_capture_bitwise_and_ddp_refused(tmp_path):
         assert results[name]["max_diff"] == 0.0, f"{name}: capture vs not differ by {results[name]['max_diff']:.3e}"
         assert results[name]["trained"] > 0, f"{name}: weights did not move"
         assert results[name]["dense_grads_left"] == 0, f"{name}: sharded weight gradients left after backward"
+        assert results[name]["dense_grads_sharing_a_buffer"] == 0, f"{name}: a dense gradient holds a block's buffer"
     assert "DDP" in results["ddp_refused"], results["ddp_refused"]
     assert "capture_grads" in results["multi_rank_plain_refused"], results["multi_rank_plain_refused"]
 

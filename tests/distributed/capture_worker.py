@@ -44,7 +44,8 @@ def fsdp2_run(mesh, rank, capture, dtype=None, mp=None):
     fsdp.attach(opt)
     start = C.flat_params(model)
     sparse = [w for g in opt.param_groups if g["gmixout"] for w in g["params"]]
-    left = 0
+    dense = [w for g in opt.param_groups if not g["gmixout"] for w in g["params"]]
+    left = shared = 0
     in_dtype = dtype or mp or torch.float32
     for step in range(STEPS):
         for m in range(MICRO):
@@ -52,10 +53,14 @@ def fsdp2_run(mesh, rank, capture, dtype=None, mp=None):
             (C.loss_fn(model(x.to(in_dtype)), y) / MICRO).backward()
             if capture:
                 left += sum(w.grad is not None for w in sparse)
+                # a dense shard gradient must not keep FSDP2's whole reduce-scatter buffer alive
+                for w in dense:
+                    g = w.grad.to_local()
+                    shared += g.untyped_storage().nbytes() > g.numel() * g.element_size()
         opt.step()
         opt.zero_grad(set_to_none=True)
     end = C.flat_params(model)
-    return end, C.max_diff(end, start), left
+    return end, C.max_diff(end, start), left, shared
 
 
 def refused(build) -> str:
@@ -77,9 +82,10 @@ def main(out_dir: str) -> None:
     res = {}
     for name, kw in (("fsdp2_fp32", {}), ("fsdp2_bf16", {"dtype": torch.bfloat16}),
                      ("fsdp2_fp32_mp_bf16", {"mp": torch.bfloat16})):
-        plain, trained, _ = fsdp2_run(mesh, rank, False, **kw)
-        captured, _, left = fsdp2_run(mesh, rank, True, **kw)
-        res[name] = {"max_diff": C.max_diff(captured, plain), "trained": trained, "dense_grads_left": left}
+        plain, trained, _, _ = fsdp2_run(mesh, rank, False, **kw)
+        captured, _, left, shared = fsdp2_run(mesh, rank, True, **kw)
+        res[name] = {"max_diff": C.max_diff(captured, plain), "trained": trained, "dense_grads_left": left,
+                     "dense_grads_sharing_a_buffer": shared}
 
     ddp = DDP(C.make_model())
     res["ddp_refused"] = refused(lambda: C.make_opt(ddp.module, capture_grads=True))
