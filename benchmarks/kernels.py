@@ -12,7 +12,9 @@ Three sections, each written to the JSON:
   grouped (one launch per op, no sync), with the non-finite check on and off, against
   ``torch.optim.AdamW(fused=True)`` (``foreach=True`` on CPU) on the same tensors.
 - ``optimizer``: ``GMixoutOptimizer(AdamW, p)`` itself on the same preset, ``skip_nonfinite``
-  on and off: the steps inside an episode and the boundary step (merge + redraw) apart.
+  on and off: the steps inside an episode and the boundary step (merge + redraw) apart, with
+  the launches and host syncs of one of each (``kernels.record()``); on a GPU also with the
+  grouped path switched off (``optimizer_per_tensor``: the per-tensor launches it replaces).
 
 Timing: a whole episode is run before anything is timed (first-call compilation, the
 allocator's pools); then batches of back-to-back calls are timed, with CUDA events around the
@@ -279,8 +281,10 @@ def bench_grouped(model: Model, device, k, reps):
 
 # -- the optimizer itself -------------------------------------------------------------------
 
-def bench_optimizer(model: Model, device, k, skip_nonfinite):
-    from gmixout_optim import GMixoutOptimizer
+def bench_optimizer(model: Model, device, k, skip_nonfinite, use_grouped=True):
+    from gmixout_optim import GMixoutOptimizer, grouped, kernels
+
+    grouped.set_enabled(use_grouped)
 
     ps = [torch.nn.Parameter(p) for p in model.params]
     for p, g in zip(ps, model.grads):
@@ -289,6 +293,13 @@ def bench_optimizer(model: Model, device, k, skip_nonfinite):
                            lr=1e-5, weight_decay=0.0, eps=1e-8)
     for _ in range(k):  # a whole episode: state created, first redraw done
         opt.step()
+    counts = {}
+    for name, calls in (("step", k - 1), ("boundary_step", 1)):  # an episode more, counted
+        with kernels.record() as events:
+            opt.step()
+        counts[name] = {f"{kind}:{op}": n for (kind, op), n in sorted(events.items())}
+        for _ in range(calls - 1):
+            opt.step()
     sync(device)
     # per episode: steps 1 .. k-1 as one batch (no boundary among them), then the boundary
     # step (merge + redraw + remap) alone
@@ -314,8 +325,9 @@ def bench_optimizer(model: Model, device, k, skip_nonfinite):
     boundary = {key: statistics.median(v) for key, v in boundary.items()}
     del opt, ps
     gc.collect()
-    return {"skip_nonfinite": skip_nonfinite, "step": inner, "boundary_step": boundary,
-            "amortised_s": ((k - 1) * inner["device_s"] + boundary["device_s"]) / k}
+    grouped.set_enabled(True)
+    return {"skip_nonfinite": skip_nonfinite, "grouped": use_grouped, "step": inner, "boundary_step": boundary,
+            "amortised_s": ((k - 1) * inner["device_s"] + boundary["device_s"]) / k, "events": counts}
 
 
 def device_name(device):
@@ -388,10 +400,14 @@ def main():
             print(f"  {key:<26} step {r['step_vs_adamw']:.2f}x AdamW, amortised {r['amortised_vs_adamw']:.2f}x")
     if "optimizer" in args.sections:
         result["optimizer"] = [bench_optimizer(model, device, k, skip) for skip in (True, False)]
-        for r in result["optimizer"]:
-            print(f"  GMixoutOptimizer skip_nonfinite={r['skip_nonfinite']}: step {r['step']['device_s'] * 1e3:.3f} ms "
-                  f"(host {r['step']['host_s'] * 1e3:.3f}), boundary {r['boundary_step']['device_s'] * 1e3:.3f} ms, "
-                  f"amortised {r['amortised_s'] * 1e3:.3f} ms")
+        if device.type == "cuda":
+            result["optimizer_per_tensor"] = [bench_optimizer(model, device, k, skip, use_grouped=False)
+                                              for skip in (True, False)]
+        for r in result["optimizer"] + result.get("optimizer_per_tensor", []):
+            print(f"  GMixoutOptimizer skip_nonfinite={r['skip_nonfinite']} grouped={r['grouped']}: step "
+                  f"{r['step']['device_s'] * 1e3:.3f} ms (host {r['step']['host_s'] * 1e3:.3f}), boundary "
+                  f"{r['boundary_step']['device_s'] * 1e3:.3f} ms, amortised {r['amortised_s'] * 1e3:.3f} ms")
+            print(f"    step events {r['events']['step']}")
 
     slug = "cpu" if not gpu else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     out = Path(args.out)

@@ -17,6 +17,7 @@ from gmixout_optim import GMixoutOptimizer, gmixout_param_groups
 from gmixout_optim.finetune import data as D
 from gmixout_optim.finetune.evaluate import evaluate_sets, load_test_tensors
 from gmixout_optim.finetune.models import build_model
+from gmixout_optim.finetune.options import apply_threads, resolve_threads
 from gmixout_optim.finetune.train import lr_factor
 
 
@@ -27,7 +28,7 @@ def main():
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--out", default=os.path.join("runs", "example"))
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    apply_threads(resolve_threads("auto"))  # the free cores: two threads on a busy 2-core machine wait on each other
     torch.manual_seed(0)
 
     # 1. Pretrained backbone, new 10-class head; ID data = the MNIST subset's train split.

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .sharding import agrees_alone, is_dtensor, local
-from .state import GRAD, GRAD_STATUS, SUPPORT_SIZE, ensure_grad_buffer, support_indices
+from .sharding import agrees_alone, flat_grad, is_dtensor, local
+from .state import GRAD, GRAD_STATUS, SUPPORT_SIZE, ensure_grad_buffer, positions
 
 __all__ = ["EMPTY", "SUMMED", "SCALED", "check_tensor", "check_world", "install_hook", "install_dense_hook", "add",
            "scale", "clear", "status", "total_norm"]
@@ -108,11 +108,11 @@ def install_dense_hook(w: torch.Tensor) -> Any:
 
 
 @torch.no_grad()
-def add(st: dict, w: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add ``grad[S]`` (the dense gradient of ``w``, or its local shard) to the buffer."""
+def add(st: dict, w: torch.Tensor) -> None:
+    """Add ``w.grad[S]`` (its local shard's) to the buffer, read as the step's gather reads it."""
     buf = ensure_grad_buffer(w, st)
     n = st[SUPPORT_SIZE]
-    values = local(grad).reshape(-1).index_select(0, support_indices(st))
+    values = flat_grad(w).index_select(0, positions(w, st)[:n].long())
     mode = status(st)
     if mode == SCALED:
         raise RuntimeError("a gradient arrived for a captured tensor after clip_grad_norm_ used the captured "

@@ -1,15 +1,21 @@
 """GMixoutOptimizer's checkpoint format and its sharded (DCP) view.
 
 ``state_dict()`` is torch's layout (state keyed by position in ``param_groups``) plus a
-``gmixout`` block ``{format, merge, state_policy, seed, inner}``, also stored as JSON under
-``param_groups[0]["gmixout_config"]`` because ``torch.distributed.checkpoint.state_dict``
-keeps only ``state`` and ``param_groups``. A GMixout tensor's entry holds ``episode``,
-``episode_step`` and, inside an episode, ``support`` / ``residual`` (``anchor`` for 16-bit
-tensors) and the inner optimizer's state of the residual under ``inner``.
+``gmixout`` block ``{format, merge, state_policy, seed, inner, skipped_steps, unstepped}``,
+also stored as JSON under ``param_groups[0]["gmixout_config"]`` because
+``torch.distributed.checkpoint.state_dict`` keeps only ``state`` and ``param_groups``.
+``skipped_steps`` is the optimizer's count of skipped non-finite steps; ``unstepped`` lists the
+parameter ids whose inner state an init-only step laid out and no real step has reached yet
+(see ``step.initialize_inner``); both default to none when a checkpoint lacks them. A GMixout
+tensor's entry holds ``episode``, ``episode_step`` and, inside an episode, ``support`` /
+``residual`` / ``anchor`` and the inner optimizer's state of the residual under ``inner``.
 
-Formats: **2** (written now) leaves out ``segments``: they are where this rank's elements sit,
-recomputed on load by the optimizer's locator (``GMixoutOptimizer.locate``). **1** (written
-before) saved them; a format-1 entry with ``segments`` loads exactly as it was saved.
+Formats: **3** (written now) stores the anchor for every dtype, ``skipped_steps`` and
+``unstepped``. **2** stored the anchor of 16-bit tensors only: an fp32/fp64 tensor's anchor is
+derived once, at its first use after the load, as ``W[S] - v/keep`` (``state.anchor``). Both
+leave out ``segments``: they are where this rank's elements sit, recomputed on load by the
+optimizer's locator (``GMixoutOptimizer.locate``). **1** saved them; a format-1 entry with
+``segments`` loads as saved (anchors as in format 2).
 
 **Sharded view.** For a DTensor (FSDP2) parameter the compact vectors are rank-local, not
 slices of a dense tensor, and DCP keeps one rank's copy of a plain tensor. Each compact vector
@@ -38,8 +44,8 @@ from .state import COMPACT_KEYS, capacity, load_compact, per_element_keys
 __all__ = ["FORMAT", "READABLE_FORMATS", "CONFIG_KEY", "state_dict", "load_state_dict", "find_state_dict",
            "restart_episodes_of"]
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 CONFIG_KEY = "gmixout_config"
 
 
@@ -93,9 +99,10 @@ def _sharded_entry(entry: dict, p: Any, keep: float) -> dict:
 
 # -- save ------------------------------------------------------------------------------------
 
-def state_dict(opt) -> dict[str, Any]:
-    """The optimizer's checkpoint (see the module docstring)."""
-    packed_groups, state, index = [], {}, 0
+def state_dict(opt, unstepped: set) -> dict[str, Any]:
+    """The optimizer's checkpoint (see the module docstring); ``unstepped``: the tensors whose
+    inner state is only laid out (residuals, dense parameters)."""
+    packed_groups, state, index, unstepped_ids = [], {}, 0, []
     for group in opt.param_groups:
         packed = {k: v for k, v in group.items() if k != "params"}
         packed["params"] = list(range(index, index + len(group["params"])))
@@ -103,6 +110,8 @@ def state_dict(opt) -> dict[str, Any]:
             st = opt.state.get(w)
             if not st:
                 continue
+            if (st.get("residual") if group["gmixout"] else w) in unstepped:
+                unstepped_ids.append(pid)
             if not group["gmixout"]:
                 state[pid] = dict(st)
                 continue
@@ -115,7 +124,7 @@ def state_dict(opt) -> dict[str, Any]:
             state[pid] = entry
         index += len(group["params"])
         packed_groups.append(packed)
-    block = config(opt)
+    block = dict(config(opt), skipped_steps=opt.skipped_steps, unstepped=unstepped_ids)
     if packed_groups:
         packed_groups[0][CONFIG_KEY] = json.dumps(block, sort_keys=True)
     return {"state": state, "param_groups": packed_groups, "gmixout": block}
@@ -123,8 +132,9 @@ def state_dict(opt) -> dict[str, Any]:
 
 # -- load ------------------------------------------------------------------------------------
 
-def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
-    """Load a ``state_dict()`` of format 1 or 2 (possibly through DCP) into ``opt``."""
+def load_state_dict(opt, state_dict: dict[str, Any]) -> set:
+    """Load a ``state_dict()`` of a readable format (possibly through DCP) into ``opt``; returns
+    the tensors whose inner state is only laid out (the saved ``unstepped``)."""
     if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
         keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"not a GMixoutOptimizer state_dict (top-level keys: {keys})")
@@ -138,6 +148,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         index.update((pid, (w, group, gi, i)) for i, (pid, w) in enumerate(zip(saved["params"], group["params"])))
     opt.state = defaultdict(dict)  # the setter shares it with the inner optimizer
+    saved_unstepped, unstepped = set(block.get("unstepped", ())), set()
     for pid, entry in state_dict["state"].items():
         if pid not in index:
             raise ValueError(f"state_dict has state for parameter id {pid}, which no param group lists")
@@ -146,10 +157,15 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
             _load_gmixout_entry(opt, w, dict(entry), group, gi, i, pid)
         else:
             opt.state[w] = {k: _to_like(v, w, k, group) for k, v in entry.items()}
+        if pid in saved_unstepped:
+            unstepped.add(opt.state[w].get("residual") if group["gmixout"] else w)
+    opt.skipped_steps = int(block.get("skipped_steps", 0))
     for group, saved in zip(opt.param_groups, saved_groups):
         for key, value in saved.items():
             if key != "params":
                 group[key] = value
+    unstepped.discard(None)
+    return unstepped
 
 
 def _load_gmixout_entry(opt, w: torch.Tensor, entry: dict, group: dict, gi: int, i: int, pid: Any) -> None:

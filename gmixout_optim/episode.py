@@ -9,8 +9,9 @@ import warnings
 
 import torch
 
-from .sharding import local
-from .state import SUPPORT_SIZE, capacity, drop_compact, ensure_buffers, per_element_keys
+from .sharding import flat, local
+from .state import (POSITIONS, SUPPORT_SIZE, anchor, capacity, drop_compact, ensure_buffers, per_element_keys,
+                    positions)
 from .step import kernels_for
 
 __all__ = ["start", "remap_inner_state", "merge_coefficient", "merge", "close"]
@@ -39,10 +40,11 @@ def start(state: dict, w: torch.Tensor, st: dict, group: dict, seed: int, policy
         remap_inner_state(inner_state, residual.numel(), policy, old_support, old_n, support, n)
     st["support"] = support
     st[SUPPORT_SIZE] = n
+    st.pop(POSITIONS, None)
     residual.zero_()
-    if "anchor" in st:
-        st["anchor"].zero_()
-        st["anchor"][:n] = shard.view(-1)[support[:n].long()]
+    # W = A at an episode start: A[S] is stored exactly, never re-derived from rounded sums.
+    st["anchor"].zero_()
+    st["anchor"][:n] = flat(shard)[positions(w, st)[:n].long()]
 
 
 def remap_inner_state(inner_state: dict, length: int, policy: str, old_support, old_n, support, n) -> None:
@@ -76,8 +78,10 @@ def merge_coefficient(group: dict, rule: str) -> float:
 def merge(w: torch.Tensor, st: dict, group: dict, coeff: float) -> None:
     """``A[S] += coeff * v`` and ``W = A`` on the support (``coeff`` 0: just ``W = A``)."""
     shard = local(w)
-    kernels_for(shard).merge_episode(shard.view(-1), st["support"], st[SUPPORT_SIZE], st["residual"],
-                                     st.get("anchor"), 1.0 - group["p"], coeff)
+    kernels = kernels_for(shard)
+    keep = 1.0 - group["p"]
+    kernels.merge_episode(flat(shard), positions(w, st), st[SUPPORT_SIZE], st["residual"],
+                          anchor(w, st, keep, kernels.support_anchor), keep, coeff)
 
 
 def close(state: dict, w: torch.Tensor, st: dict, group: dict, coeff: float) -> None:

@@ -7,7 +7,26 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["build_inner", "inner_from"]
+__all__ = ["build_inner", "inner_from", "check_inner_class"]
+
+
+def check_inner_class(cls: type) -> None:
+    """Refuse an optimizer that cannot be GMixout's inner optimizer.
+
+    ``torch.optim.Optimizer`` itself has no update rule. An optimizer whose ``step`` needs a
+    closure (LBFGS) re-evaluates the loss while it moves its parameters, but GMixout hands it
+    the support residuals, which the loss does not read: it would search along a loss that
+    never changes.
+    """
+    if cls is Optimizer:
+        raise TypeError("inner=torch.optim.Optimizer is the abstract base class, it has no update rule; "
+                        "pass a concrete optimizer, e.g. 'AdamW' or torch.optim.SGD")
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"inner optimizer {cls.__name__} needs a closure in every step (it re-evaluates the loss while it "
+            "moves its parameters); GMixout hands it the support residuals, which the loss does not read. "
+            "Use a first-order optimizer, e.g. 'AdamW' or 'SGD'")
 
 
 def build_inner(inner: Any, groups: list[dict], inner_kwargs: dict, wrapper: type) -> Optimizer:
@@ -15,7 +34,7 @@ def build_inner(inner: Any, groups: list[dict], inner_kwargs: dict, wrapper: typ
     (never ``wrapper``, the GMixout class itself, or a subclass of it)."""
     if isinstance(inner, str):
         cls = getattr(torch.optim, inner, None)
-        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or issubclass(cls, wrapper):
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or cls is Optimizer or issubclass(cls, wrapper):
             allowed = sorted(
                 n for n, c in vars(torch.optim).items()
                 if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer
@@ -26,6 +45,7 @@ def build_inner(inner: Any, groups: list[dict], inner_kwargs: dict, wrapper: typ
     if isinstance(inner, type):
         if not issubclass(inner, Optimizer) or issubclass(inner, wrapper):
             raise TypeError(f"inner must be a torch.optim.Optimizer subclass (not {wrapper.__name__}), got {inner!r}")
+        check_inner_class(inner)  # before building: LBFGS also refuses several param groups
         sig = inspect.signature(inner.__init__)
         if not any(prm.kind is prm.VAR_KEYWORD for prm in sig.parameters.values()):
             accepted = [n for n in sig.parameters if n not in ("self", "params")]
@@ -62,4 +82,5 @@ def inner_from(params: Any, inner: Any, inner_kwargs: dict, wrapper: type) -> Op
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         inner_opt = build_inner("AdamW" if inner is None else inner, groups, inner_kwargs, wrapper)
+    check_inner_class(type(inner_opt))  # a wrapped instance or a factory's product
     return inner_opt

@@ -16,11 +16,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import capture, checkpoint, episode, hparams, sharding
+from . import capture, checkpoint, episode, grouped, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
-from .state import SUPPORT_SIZE, drop_compact, support_indices
-from .step import Work, all_finite, collect, gather_grads, gmixout_step, initialize_inner, kernels_for, resolve
+from .state import SUPPORT_SIZE, drop_compact, positions
+from .step import (Work, all_finite, clear_unstepped, collect, gather_grads, gmixout_step, initialize_inner,
+                   kernels_for, resolve)
 
 __all__ = ["GMixoutOptimizer", "find_gmixout"]
 
@@ -50,13 +51,19 @@ class GMixoutOptimizer(Optimizer):
     an episode, so the next forward pass sees the merged anchor.
 
     The parameter itself holds :math:`W`; the optimizer keeps, per tensor, only compact
-    state: the support indices, :math:`v`, the inner optimizer's state of :math:`v`
-    (and :math:`A[S]` for 16-bit parameters; fp32 parameters derive it as
-    :math:`W[S] - v/(1-p)`). Supports come from a counter-based RNG keyed by
+    state: the support indices, :math:`v`, the inner optimizer's state of :math:`v` and
+    :math:`A[S]` (stored exactly, in the parameter's dtype: ``ema_decay=1`` gives back the
+    pretrained weights bit for bit). Supports come from a counter-based RNG keyed by
     (seed, tensor key, episode, global element offset): they are regenerated, never
     stored densely, and identical however the tensor is sharded (see ``set_locator``).
     DTensor (FSDP2) parameters are recognised: the optimizer steps their local shards in
     place, keyed by the shards' global element offsets, and checkpoints them for DCP.
+    Weights in any dense memory layout (channels_last, transposed) train like their
+    contiguous twins; gradients may have any layout.
+
+    Not supported, refused at construction: an inner optimizer whose ``step`` needs a closure
+    (LBFGS), a parameter listed twice, a weight whose memory has gaps or overlaps.
+    ``step()`` is excluded from ``torch.compile`` (it runs eagerly; compile the model).
 
     Inner state across a redraw (``state_policy``): ``remap`` keeps the state of
     coordinates in both supports and zeroes the rest; ``carry`` keeps the compact
@@ -65,7 +72,9 @@ class GMixoutOptimizer(Optimizer):
     Non-finite gradients: with ``skip_nonfinite=True`` (default) a step whose gradients
     on the support (or on a dense parameter) hold inf/nan is skipped as a whole: no
     weight, state or counter changes, and ``skipped_steps`` counts it (as a loss scaler
-    would). With ``False`` no check is made (one device sync less per step).
+    would). With ``False`` no check is made (one device sync less per step). On the grouped
+    GPU path (see docs/DESIGN.md) the check stays on the device and the count and warning
+    come one step late; reading ``skipped_steps`` waits for the last verdict.
 
     Gradient capture (``capture_grads=True``): a post-accumulate-grad hook on each GMixout
     tensor keeps only :math:`\nabla_W[S_e]` in a compact fp32 buffer (summed over
@@ -125,6 +134,10 @@ class GMixoutOptimizer(Optimizer):
         self._skip_nonfinite = checked["skip_nonfinite"]
         self._locator: Callable | None = None
         self._sync_group: Any = "auto"
+        self._in_anchor_view = False
+        # Inner-state entries laid out by an init-only step and not stepped since (keyed by the
+        # residual or the dense parameter): see step.initialize_inner.
+        self._unstepped: set[torch.Tensor] = set()
         self.skipped_steps = 0
         defaults = dict(inner_opt.defaults)
         defaults.update(gmixout=True, **{k: checked[k] for k in ("p", "ema_decay", "resample_every")})
@@ -153,6 +166,16 @@ class GMixoutOptimizer(Optimizer):
     def seed(self) -> int:
         """The seed of the support draws."""
         return self._seed
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (waits for a grouped step's pending verdict)."""
+        grouped.settle(self)
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = value
 
     @property
     def param_groups(self) -> list[dict]:
@@ -184,11 +207,19 @@ class GMixoutOptimizer(Optimizer):
             param_group[key] = hparams.check(key, param_group.get(key, self.defaults[key]), where)
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        gi = len(self.param_groups)
+        first: dict[torch.Tensor, int] = {}
+        for i, prm in enumerate(params):
+            if prm in first:  # torch only warns; a repeated tensor would take two steps per step
+                raise ValueError(f"param group {gi}, parameter {i} (shape {tuple(prm.shape)}) is listed more than "
+                                 f"once (also as parameter {first[prm]}); list each parameter once")
+            first[prm] = i
         if param_group["gmixout"]:
-            for prm in params:
+            for i, prm in enumerate(params):
                 if not prm.is_floating_point():
                     raise ValueError(
                         f"GMixout trains real floating-point tensors; a parameter{where} has dtype {prm.dtype}")
+                self._check_layout(prm, gi, i)
         param_group["params"] = params
         if param_group["gmixout"] and self._capture_grads:
             for i, prm in enumerate(params):
@@ -203,6 +234,14 @@ class GMixoutOptimizer(Optimizer):
             for prm in params:
                 if sharding.is_dtensor(prm) and prm.requires_grad and prm not in self._capture_hooks:
                     self._capture_hooks[prm] = capture.install_dense_hook(prm)
+
+    @staticmethod
+    def _check_layout(w: torch.Tensor, gi: int, i: int) -> None:
+        try:
+            sharding.memory_order(sharding.local(w))
+        except ValueError as err:
+            raise ValueError(f"param group {gi}, parameter {i}: {err}; pass a dense copy, e.g. "
+                             "nn.Parameter(w.detach().contiguous())") from None
 
     # -- the public engine interface -------------------------------------------------------
 
@@ -253,14 +292,19 @@ class GMixoutOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group["gmixout"] and group_index in (None, gi):
                 for w in group["params"]:
+                    self._unstepped.discard(self._state.get(w, {}).get("residual"))
                     drop_compact(self._state, self._state.get(w, {}))
                     self._state[w] = {"episode": episode_number, "episode_step": 0}
 
     # -- the step ----------------------------------------------------------------------
 
+    # torch.compile cannot trace the step (data-dependent support sizes, per-tensor Python state:
+    # its first compiled call went wrong): it runs eagerly, a compiled caller breaks its graph here.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one GMixout step (see the class docstring for the math)."""
+        """Take one GMixout step (see the class docstring for the math); never compiled."""
+        self._refuse_in_anchor_view("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -283,6 +327,12 @@ class GMixoutOptimizer(Optimizer):
             work.append(Work(w, st, group, impl, kernels))
         fused = [item for item in work if item.impl == "fused"]
         unfused = [item for item in work if item.impl != "fused"]
+        # captured (or clip_grad_norm_-gathered) gradients are compact: the grouped kernels read dense ones
+        compact = any(capture.status(item.st) != capture.EMPTY for item in work)
+        if not init_only and not compact and grouped.takes(fused, unfused, dense):
+            if grouped.step(self, fused, unfused, dense, sync):
+                self._count_step(sparse, work)
+            return loss
         gather_grads([item for item in unfused if capture.status(item.st) == capture.EMPTY])
         for item in unfused:  # (SCALED: clip_grad_norm_ already set the residual's gradient)
             if capture.status(item.st) == capture.SUMMED:
@@ -290,7 +340,7 @@ class GMixoutOptimizer(Optimizer):
         finite = init_only or not self._skip_nonfinite or all_finite(unfused, fused, dense)
         init_only, finite = sharding.agree(sync, init_only, finite)
         if init_only:
-            initialize_inner(self._inner, self._state, work, dense)
+            initialize_inner(self._inner, self._state, work, dense, self._unstepped)
             return loss
         for item in work:  # step() consumes the captured / gathered support gradients
             item.st.pop(capture.GRAD_STATUS, None)
@@ -301,15 +351,24 @@ class GMixoutOptimizer(Optimizer):
             warnings.warn(f"GMixoutOptimizer: non-finite gradient, step skipped "
                           f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
             return loss
+        if self._unstepped:
+            clear_unstepped(self._state, self._unstepped, [item.st["residual"] for item in work] + dense)
         gmixout_step(self._inner, self._state, unfused, fused, dense)
+        self._count_step(sparse, work)
+        return loss
+
+    def _count_step(self, sparse: list, work: list[Work]) -> None:
+        """Advance the episode counters of the tensors stepped; merge and redraw where one ends."""
+        ending = []
         for (w, group, gi, i), item in zip(sparse, work):
             item.st["episode_step"] += 1
             if item.st["episode_step"] >= group["resample_every"]:
-                episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
-                item.st["episode"] += 1
-                item.st["episode_step"] = 0
-                self._start_episode(w, item.st, group, gi, i)
-        return loss
+                ending.append((w, group, gi, i, item))
+        for w, group, gi, i, item in grouped.redraw(self, ending):  # those it did not redraw grouped
+            episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
+            item.st["episode"] += 1
+            item.st["episode_step"] = 0
+            self._start_episode(w, item.st, group, gi, i)
 
     def _collect(self) -> tuple[list, list]:
         """``collect``, plus the GMixout tensors whose gradient is captured or already gathered."""
@@ -348,7 +407,7 @@ class GMixoutOptimizer(Optimizer):
                 return
         gi, i = where
         st = self._open_episode(w, self.param_groups[gi], gi, i)
-        capture.add(st, w, w.grad)
+        capture.add(st, w)
         w.grad = None
 
     def _is_at(self, w: torch.Tensor, gi: int, i: int) -> bool:
@@ -364,7 +423,7 @@ class GMixoutOptimizer(Optimizer):
         warnings.warn("GMixoutOptimizer(capture_grads=True) found a param.grad on a captured tensor (written "
                       "outside backward?); it is used as if backward had accumulated it", UserWarning, stacklevel=3)
         if capture.status(st) != capture.EMPTY:
-            capture.add(st, w, w.grad)
+            capture.add(st, w)
             w.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -407,7 +466,7 @@ class GMixoutOptimizer(Optimizer):
                 residual.grad = capture.scale(st, keep)
             elif capture.status(st) == capture.EMPTY:
                 residual.grad = torch.empty_like(residual)
-                kernels_for(sharding.local(w)).gather_grad(sharding.local(w.grad).view(-1), st["support"],
+                kernels_for(sharding.local(w)).gather_grad(sharding.flat_grad(w), positions(w, st),
                                                             st[SUPPORT_SIZE], keep, residual.grad)
                 st[capture.GRAD_STATUS] = capture.SCALED
                 if self._capture_grads:  # a left-over gradient, now held compactly like a captured one
@@ -424,8 +483,7 @@ class GMixoutOptimizer(Optimizer):
         return total
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
-        if not sharding.local(w).is_contiguous():
-            raise ValueError(f"GMixout tensors must be contiguous (param group {gi}, parameter {i})")
+        self._check_layout(w, gi, i)  # again: a weight may be swapped after construction (w.data = ...)
         if "segments" not in st:
             st["segments"] = self.locate(w, gi, i)
         episode.start(self._state, w, st, group, self._seed, self._state_policy)
@@ -447,6 +505,7 @@ class GMixoutOptimizer(Optimizer):
         The next step starts the next episode with a fresh support. What is left per
         tensor is two counters, so the checkpoint loads on any sharding/world size.
         """
+        self._refuse_in_anchor_view("consolidate()")
         self._close_episodes(merge_running=True)
 
     @torch.no_grad()
@@ -456,37 +515,57 @@ class GMixoutOptimizer(Optimizer):
         ``merge_running=True`` merges the unfinished episode (a shortened last episode);
         ``False`` discards it, as the authors' code does.
         """
+        self._refuse_in_anchor_view("finalize()")
         self._close_episodes(merge_running)
 
     def _close_episodes(self, merge_running: bool) -> None:
         for w, st, group in list(self._running_episodes()):
+            self._unstepped.discard(st["residual"])
             coeff = episode.merge_coefficient(group, self._merge) if merge_running else 0.0
             episode.close(self._state, w, st, group, coeff)
 
     @contextmanager
     def anchor_weights(self):
-        """Within the block the parameters hold the anchor; the training weights come back bitwise."""
+        """Within the block the parameters hold the anchor; the training weights come back bitwise.
+
+        Evaluate or save the model there. ``step()``, ``state_dict()``, ``load_state_dict()``,
+        ``consolidate()`` and ``finalize()`` raise RuntimeError inside the block: the
+        parameters do not hold the training weights the running episode belongs to.
+        """
+        self._refuse_in_anchor_view("anchor_weights()")
         saved = []
         with torch.no_grad():
             for w, st, group in list(self._running_episodes()):
-                idx = support_indices(st)
-                saved.append((w, idx, sharding.local(w).view(-1)[idx].clone()))
+                idx = positions(w, st)[: st["support_size"]].long()
+                saved.append((w, idx, sharding.flat(sharding.local(w))[idx].clone()))
                 episode.merge(w, st, group, 0.0)
+        self._in_anchor_view = True
         try:
             yield self
         finally:
+            self._in_anchor_view = False
             with torch.no_grad():
                 for w, idx, values in saved:
-                    sharding.local(w).view(-1).index_copy_(0, idx, values)
+                    sharding.flat(sharding.local(w)).index_copy_(0, idx, values)
+
+    def _refuse_in_anchor_view(self, what: str) -> None:
+        if self._in_anchor_view:
+            raise RuntimeError(
+                f"GMixoutOptimizer.{what} inside `with opt.anchor_weights():`: the parameters hold the anchor "
+                "there, not the training weights of the running episode, so a step would be lost and a "
+                "checkpoint would not resume. Call it after the with-block (evaluate or save the model inside "
+                "it), or call finalize() to make the anchor the model")
 
     # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's layout (state keyed by position in ``param_groups``) plus a ``gmixout`` block;
         DTensor parameters' compact state as DTensors (see :mod:`gmixout_optim.checkpoint`)."""
+        self._refuse_in_anchor_view("state_dict()")
+        grouped.settle(self)  # episode counters of grouped steps whose verdict is pending
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        state_dict = checkpoint.state_dict(self)
+        state_dict = checkpoint.state_dict(self, self._unstepped)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -494,15 +573,42 @@ class GMixoutOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` (format 1 or 2, directly or through DCP); tensors are
+        """Load a ``state_dict()`` (format 1, 2 or 3, directly or through DCP); tensors are
         copied, keeping their dtypes (indices stay integers)."""
+        self._refuse_in_anchor_view("load_state_dict()")
+        grouped.settle(self)  # pending verdicts belong to the run being replaced, not the loaded one
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        checkpoint.load_state_dict(self, state_dict)
+        self._unstepped = checkpoint.load_state_dict(self, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, ``pickle``) carry everything: the inner optimizer, the state,
+        the counters, and step like the original. An optimizer with a locator (set by an engine
+        integration) is refused: the locator refers to the engine's tensors, not the copy's."""
+        if self._locator is not None:
+            raise TypeError("a GMixoutOptimizer with a locator (set by an engine integration: DeepSpeed, FSDP1) "
+                            "cannot be copied: the locator refers to the original tensors. Copy it before the "
+                            "engine takes it, or save and load its state_dict()")
+        grouped.settle(self)  # the copy's cache starts empty (its tables point at our tensors)
+        state = dict(self.__dict__)
+        state.pop(grouped.CACHE_ATTR, None)
+        # The inner optimizer travels as its class and attributes: its own __setstate__ would
+        # "upgrade" the state of every parameter it lists, which for a GMixout tensor is
+        # GMixout's entry, not the inner optimizer's.
+        state["_inner"] = (type(self._inner), dict(self._inner.__dict__))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        cls, attrs = state["_inner"]
+        inner = cls.__new__(cls)
+        inner.__dict__.update(attrs)
+        inner._patch_step_function()
+        state["_inner"] = inner
+        super().__setstate__(state)
 
     def __repr__(self) -> str:
         return (f"GMixoutOptimizer(inner={type(self._inner).__name__}, p={self.defaults['p']}, "

@@ -1,6 +1,9 @@
 """Where a tensor's elements sit in the logical model, and which ranks must agree on a step.
 
 - :func:`local`: this rank's elements of a tensor (a DTensor's local shard, as a view).
+- :func:`memory_order`, :func:`flat`, :func:`flat_grad`: a local tensor's elements in memory
+  order as a writable 1-D view (channels_last and transposed weights included), its gradient
+  in the same order; :func:`memory_positions` maps row-major indices to positions in it.
 - :func:`default_key`: the logical-tensor key of a parameter: its position in ``param_groups``
   (computed here only; locators of the integrations use it too).
 - :func:`dtensor_segments`: the global element offsets of a DTensor's local shard.
@@ -19,8 +22,8 @@ import torch
 from .engine_internals import require_import
 from .kernels import Segment
 
-__all__ = ["is_dtensor", "local", "default_key", "shard_mesh_dim", "dtensor_segments", "default_segments",
-           "check_segments", "shard_group", "sync_group", "agrees_alone", "agree", "SYNC_SETTINGS"]
+__all__ = ["is_dtensor", "local", "memory_order", "flat", "flat_grad", "memory_positions", "default_key", "shard_mesh_dim", "dtensor_segments", "default_segments",
+           "check_segments", "shard_group", "sync_group", "agrees_alone", "agree", "vote_device", "SYNC_SETTINGS"]
 
 try:  # FSDP2 parameters are DTensors: the optimizer works on their local shards.
     from torch.distributed.tensor import DTensor as _DTensor
@@ -39,6 +42,47 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's elements of ``t``: a DTensor's local shard (a view: in-place writes reach
     the parameter, e.g. FSDP2's sharded storage), any other tensor itself."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def memory_order(t: torch.Tensor) -> list[int] | None:
+    """The dimensions of ``t`` from outermost to innermost in memory; None when row-major.
+
+    Supports are sets of logical (row-major) elements, so a weight in any memory layout trains
+    like its contiguous twin; the kernels address it through :func:`flat`. That needs the
+    elements to fill their memory span densely without overlap (contiguous, channels_last, a
+    transposed leaf: a permutation of a contiguous tensor); ValueError otherwise.
+    """
+    if t.is_contiguous():
+        return None
+    dims = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    if not t.permute(dims).is_contiguous():
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} with strides {tuple(t.stride())} does not fill its "
+                         "memory densely (a view with gaps or overlaps), so it cannot be updated in place through "
+                         "a flat view")
+    return dims
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements in memory order as a 1-D view (in-place writes reach ``t``)."""
+    dims = memory_order(t)
+    return t.view(-1) if dims is None else t.permute(dims).view(-1)
+
+
+def flat_grad(w: torch.Tensor) -> torch.Tensor:
+    """``w.grad``'s local elements in the order of ``flat(local(w))`` (a copy when the
+    gradient's layout differs from the weight's, e.g. a non-contiguous gradient)."""
+    dims = memory_order(local(w))
+    grad = local(w.grad)
+    return grad.reshape(-1) if dims is None else grad.permute(dims).reshape(-1)
+
+
+def memory_positions(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Positions in ``flat(t)`` of the row-major flat ``indices`` of ``t`` (int64)."""
+    rest, pos = indices.long(), torch.zeros_like(indices, dtype=torch.int64)
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        pos += (rest % size) * stride
+        rest = rest // size
+    return pos
 
 
 def default_key(param_groups: list[dict], group_index: int, index: int) -> int:
@@ -136,9 +180,15 @@ def agree(group: Any, init_only: bool, finite: bool) -> tuple[bool, bool]:
     if group is _NO_AGREEMENT:
         return init_only, finite
     import torch.distributed as dist
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    votes = torch.tensor([float(not init_only), float(not finite)], device=device)
+    votes = torch.tensor([float(not init_only), float(not finite)], device=vote_device(group))
     dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
     return votes[0].item() == 0.0, votes[1].item() == 0.0
+
+
+def vote_device(group: Any) -> torch.device:
+    """Where the ranks' votes are all-reduced: the current CUDA device under NCCL, else the CPU
+    (the grouped step votes there too, with the same two values, so the ranks' calls match)."""
+    import torch.distributed as dist
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -5,9 +5,12 @@
 - ``episode``, ``episode_step``: the counters (always, once ``w`` has had a gradient);
 - ``segments``: where ``w``'s local elements sit in the logical model (see ``set_locator``);
 - inside an episode, the compact buffers (:data:`COMPACT_KEYS`), all of length ``capacity``:
-  ``support`` (sorted local indices, -1 padded), ``residual`` (fp32), ``anchor`` (16-bit
-  tensors only: :math:`A[S]` in ``w``'s dtype), and ``support_size``, the number of used
-  slots ``n`` (an int, derived from ``support`` on load, never saved);
+  ``support`` (sorted local row-major indices, -1 padded), ``residual`` (fp32), ``anchor``
+  (:math:`A[S]`, stored exactly, in the dtype ``w`` had when the episode started; a checkpoint
+  of format 2 or older lacks it for fp32/fp64 tensors, see :func:`anchor`), and
+  ``support_size``, the number of used slots ``n`` (an int, derived from ``support`` on load,
+  never saved); for a weight not in row-major memory order (channels_last, transposed)
+  ``support_positions``, where the support sits in memory (derived, never saved).
 - with ``capture_grads``: ``grad``, the compact gradient buffer (fp32, length ``capacity``,
   never saved; what its slots hold: :mod:`gmixout_optim.capture`), and ``grad_status``.
 
@@ -21,14 +24,15 @@ from typing import Any
 import torch
 
 from .kernels import support_capacity
-from .sharding import local
+from .sharding import flat, local, memory_positions
 
 __all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "GRAD", "capacity", "per_element_keys", "ensure_buffers",
-           "ensure_grad_buffer", "drop_compact", "support_indices"]
+           "ensure_grad_buffer", "drop_compact", "support_indices", "positions", "anchor"]
 
 # A GMixout tensor's per-episode buffers; consolidate()/finalize() drop them.
 COMPACT_KEYS = ("support", "residual", "anchor")
 SUPPORT_SIZE = "support_size"
+POSITIONS = "support_positions"
 # The captured gradient (capture_grads) and its status: transient, like param.grad, never saved.
 GRAD, GRAD_STATUS = "grad", "grad_status"
 
@@ -44,27 +48,28 @@ def per_element_keys(inner_state: dict, length: int) -> list[str]:
 
 
 def ensure_buffers(state: dict, w: torch.Tensor, st: dict, length: int) -> None:
-    """Give ``st`` a residual (and a 16-bit anchor) of ``length`` slots, zero.
+    """Give ``st`` a residual and an anchor of ``length`` slots (the anchor in ``w``'s dtype).
 
     A residual of another length is replaced; the inner state keyed by the old one moves to
     the new one, its per-slot entries copied into the first slots (the support redrawn next
-    decides what they mean, see the state policy).
+    decides what they mean, see the state policy). An anchor of another length or dtype
+    (``w`` became bf16 mid-run: ``model.to``, an fp32 checkpoint) is replaced.
     """
     old = st.get("residual")
-    if old is not None and old.numel() == length:
-        return
-    residual = torch.zeros(length, dtype=torch.float32, device=w.device)
-    if old is not None:
-        inner_state = state.pop(old, {})
-        for key in per_element_keys(inner_state, old.numel()):
-            grown = inner_state[key].new_zeros(length)
-            m = min(length, old.numel())
-            grown[:m] = inner_state[key][:m]
-            inner_state[key] = grown
-        if inner_state:
-            state[residual] = inner_state
-    st["residual"] = residual
-    if w.element_size() < 4:
+    if old is None or old.numel() != length:
+        residual = torch.zeros(length, dtype=torch.float32, device=w.device)
+        if old is not None:
+            inner_state = state.pop(old, {})
+            for key in per_element_keys(inner_state, old.numel()):
+                grown = inner_state[key].new_zeros(length)
+                m = min(length, old.numel())
+                grown[:m] = inner_state[key][:m]
+                inner_state[key] = grown
+            if inner_state:
+                state[residual] = inner_state
+        st["residual"] = residual
+    kept = st.get("anchor")
+    if kept is None or kept.numel() != length or kept.dtype != w.dtype:
         st["anchor"] = torch.zeros(length, dtype=w.dtype, device=w.device)
 
 
@@ -82,13 +87,41 @@ def drop_compact(state: dict, st: dict) -> None:
     """Forget the episode's buffers and the inner state of its residual (counters stay)."""
     if "residual" in st:
         state.pop(st["residual"], None)
-    for key in COMPACT_KEYS + (SUPPORT_SIZE, GRAD, GRAD_STATUS):
+    for key in COMPACT_KEYS + (SUPPORT_SIZE, POSITIONS, GRAD, GRAD_STATUS):
         st.pop(key, None)
 
 
 def support_indices(st: dict) -> torch.Tensor:
-    """The used support slots as int64 local indices."""
+    """The used support slots as int64 local (row-major) indices."""
     return st["support"][: st[SUPPORT_SIZE]].long()
+
+
+def positions(w: torch.Tensor, st: dict) -> torch.Tensor:
+    """Where the support sits in ``sharding.flat(local(w))``, the index the kernels take: the
+    support itself for a row-major tensor, else its memory positions (-1 padded like it,
+    derived once per episode and kept as ``support_positions``)."""
+    shard = local(w)
+    if shard.is_contiguous():
+        return st["support"]
+    if POSITIONS not in st:
+        n = st[SUPPORT_SIZE]
+        pos = torch.full(st["support"].shape, -1, dtype=torch.int64, device=st["support"].device)
+        pos[:n] = memory_positions(shard, st["support"][:n])
+        st[POSITIONS] = pos
+    return st[POSITIONS]
+
+
+def anchor(w: torch.Tensor, st: dict, keep: float, support_anchor) -> torch.Tensor:
+    """The stored anchor ``A[S]`` (all slots). A checkpoint of format 2 or older has none for
+    fp32/fp64 tensors: it is derived here, once, at its first use after the load, as
+    ``w[S] - v/keep`` (not at load: optimizer state is often loaded before the weights), and
+    kept exactly from then on. ``support_anchor`` is the kernel that derives it."""
+    if "anchor" not in st:
+        n = st[SUPPORT_SIZE]
+        values = torch.zeros(st["residual"].numel(), dtype=w.dtype, device=w.device)
+        values[:n] = support_anchor(flat(local(w)), positions(w, st), n, st["residual"], keep)
+        st["anchor"] = values
+    return st["anchor"]
 
 
 def load_compact(w: torch.Tensor, st: dict, saved: dict[str, Any], keep: float) -> None:
@@ -108,5 +141,5 @@ def load_compact(w: torch.Tensor, st: dict, saved: dict[str, Any], keep: float) 
     st["support"] = support.to(device=w.device, copy=True)
     st[SUPPORT_SIZE] = n_saved
     st["residual"] = saved["residual"].to(device=w.device, dtype=torch.float32, copy=True)
-    if "anchor" in saved:
-        st["anchor"] = saved["anchor"].to(device=w.device, dtype=w.dtype, copy=True)
+    if "anchor" in saved:  # in its saved dtype: exact until the next episode start re-makes it
+        st["anchor"] = saved["anchor"].to(device=w.device, copy=True)

@@ -27,11 +27,11 @@ from .kernels import merge as _merge
 from .kernels import support as _support
 from .kernels import write as _write
 from .kernels._dispatch import use_triton
-from .sharding import local
-from .state import SUPPORT_SIZE, support_indices
+from .sharding import flat, flat_grad, local
+from .state import SUPPORT_SIZE, anchor, positions
 
 __all__ = ["Kernels", "TORCH", "TRITON", "kernels_for", "resolve", "collect", "Work", "gather_grads", "all_finite",
-           "gmixout_step", "inner_step", "initialize_inner"]
+           "gmixout_step", "inner_step", "initialize_inner", "clear_unstepped"]
 
 
 class Kernels(NamedTuple):
@@ -106,14 +106,14 @@ def gather_grads(unfused: list[Work]) -> None:
     for item in unfused:
         residual = item.st["residual"]
         residual.grad = torch.empty_like(residual)
-        item.kernels.gather_grad(local(item.w.grad).view(-1), item.st["support"], item.st[SUPPORT_SIZE],
+        item.kernels.gather_grad(flat_grad(item.w), positions(item.w, item.st), item.st[SUPPORT_SIZE],
                                  _keep(item.group), residual.grad)
 
 
 def all_finite(unfused: list[Work], fused: list[Work], dense: list[torch.Tensor]) -> bool:
     """Whether every gradient the step uses (support gradients, dense gradients) is finite."""
     grads = [item.st["residual"].grad for item in unfused]
-    grads += [local(item.w.grad).view(-1)[support_indices(item.st)] for item in fused]
+    grads += [flat_grad(item.w)[positions(item.w, item.st)[: item.st[SUPPORT_SIZE]].long()] for item in fused]
     grads += [local(w.grad) for w in dense]
     grads = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
     if not grads:
@@ -126,11 +126,7 @@ def all_finite(unfused: list[Work], fused: list[Work], dense: list[torch.Tensor]
 
 
 def _support_anchor(item: Work) -> torch.Tensor:
-    st = item.st
-    if "anchor" in st:
-        return st["anchor"][: st[SUPPORT_SIZE]]
-    return item.kernels.support_anchor(local(item.w).view(-1), st["support"], st[SUPPORT_SIZE], st["residual"],
-                                       _keep(item.group))
+    return anchor(item.w, item.st, _keep(item.group), item.kernels.support_anchor)[: item.st[SUPPORT_SIZE]]
 
 
 class ResidualGroup(MutableMapping):
@@ -185,23 +181,35 @@ def inner_step(inner: torch.optim.Optimizer, state: dict, skip: set = frozenset(
         inner.step()
 
 
-def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
-    st, group = item.st, item.group
-    residual = st["residual"]
+def adam_state(state: dict, residual: torch.Tensor) -> dict:
+    """The inner (torch AdamW layout) state of a fused residual, created at its first step."""
     inner_state = state[residual]
     if not inner_state:
         inner_state["step"] = torch.tensor(0.0)
         inner_state["exp_avg"] = torch.zeros_like(residual)
         inner_state["exp_avg_sq"] = torch.zeros_like(residual)
-    inner_state["step"] += 1
+    return inner_state
+
+
+def adam_hyperparameters(group: dict, inner: torch.optim.Optimizer) -> dict:
+    """The fused kernels' Adam/AdamW keywords of ``group`` (all but ``step`` and ``lr``)."""
     beta1, beta2 = group["betas"]
     decoupled = isinstance(inner, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+    return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), decoupled=bool(decoupled))
+
+
+def _fused_adamw(item: Work, state: dict, inner: torch.optim.Optimizer) -> None:
+    st, group = item.st, item.group
+    residual = st["residual"]
+    inner_state = adam_state(state, residual)
+    inner_state["step"] += 1
     item.kernels.fused_adamw_step(
-        local(item.w).view(-1), local(item.w.grad).view(-1), st["support"], st[SUPPORT_SIZE], residual,
-        inner_state["exp_avg"], inner_state["exp_avg_sq"], st.get("anchor"),
-        step=int(inner_state["step"].item()), lr=float(group["lr"]), beta1=float(beta1),
-        beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-        decoupled=bool(decoupled), keep=_keep(group))
+        flat(local(item.w)), flat_grad(item.w), positions(item.w, st), st[SUPPORT_SIZE], residual,
+        inner_state["exp_avg"], inner_state["exp_avg_sq"],
+        anchor(item.w, st, _keep(group), item.kernels.support_anchor),
+        step=int(inner_state["step"].item()), lr=float(group["lr"]), keep=_keep(group),
+        **adam_hyperparameters(group, inner))
 
 
 def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work], fused: list[Work],
@@ -212,9 +220,9 @@ def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work],
     anchors = [_support_anchor(item) for item in unfused]  # A[S] before v changes
     if unfused or dense:
         inner_step(inner, state, skip={item.w for item in fused})
-    for item, anchor in zip(unfused, anchors):
+    for item, values in zip(unfused, anchors):
         st = item.st
-        item.kernels.write_weights(local(item.w).view(-1), st["support"], st[SUPPORT_SIZE], anchor,
+        item.kernels.write_weights(flat(local(item.w)), positions(item.w, st), st[SUPPORT_SIZE], values,
                                    st["residual"], _keep(item.group))
         st["residual"].grad = None
     for item in fused:
@@ -222,13 +230,17 @@ def gmixout_step(inner: torch.optim.Optimizer, state: dict, unfused: list[Work],
 
 
 def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work],
-                     dense: list[torch.Tensor]) -> None:
-    """Create the inner state without changing a weight or counting a step.
+                     dense: list[torch.Tensor], unstepped: set) -> None:
+    """Lay out the inner state without changing a weight or counting a step.
 
-    Engines probe an optimizer with an all-zero-gradient step (DeepSpeed ZeRO-3 at init,
-    DCP's ``_init_optim_state``) to lay out its state. The inner optimizer steps with lr 0
-    and zero residual gradients, dense weights are restored, and its step counters are
-    zeroed, so the next real step is the first one.
+    Engines probe an optimizer with an all-zero-gradient step (DeepSpeed ZeRO-3 at init, DCP's
+    ``_init_optim_state``) to lay out its state, which DCP then loads into in place. The inner
+    optimizer steps with lr 0 and zero residual gradients, so every entry exists; dense weights
+    are restored and step counters zeroed. What else that update wrote is not a first step's
+    state (Rprop's step sizes and ASGD's eta start from the lr, 0 here; NAdam's mu_product;
+    Adam's coupled weight decay in the moments; SGD's momentum buffer with dampening), so the
+    entries are added to ``unstepped``: the next real step that reaches them clears them first
+    (:func:`clear_unstepped`) and the inner optimizer creates them as in a fresh run.
     """
     for item in work:
         residual = item.st["residual"]
@@ -245,8 +257,12 @@ def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work]
         for group, lr in zip(inner.param_groups, saved_lrs):
             if lr is not None:
                 group["lr"] = lr
+        for item in work:
+            item.st["residual"].grad = None
     for w, saved in zip(dense, saved_weights):
         w.copy_(saved)
+    for item in work:
+        item.st["residual"].zero_()  # v = 0 at an episode start, whatever the update did
     for t in [item.st["residual"] for item in work] + list(dense):
         inner_state = state.get(t, {})
         step = inner_state.get("step")
@@ -254,5 +270,13 @@ def initialize_inner(inner: torch.optim.Optimizer, state: dict, work: list[Work]
             step.zero_()
         elif step is not None:
             inner_state["step"] = 0
-    for item in work:
-        item.st["residual"].grad = None
+        unstepped.add(t)
+
+
+def clear_unstepped(state: dict, unstepped: set, tensors: list[torch.Tensor]) -> None:
+    """Drop the probe's layout of the inner state of ``tensors`` (see :func:`initialize_inner`)
+    before their first real step."""
+    for t in tensors:
+        if t in unstepped:
+            unstepped.discard(t)
+            state.pop(t, None)

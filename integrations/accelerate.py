@@ -21,6 +21,8 @@ Nothing here changes Accelerate itself; all the glue sits on the optimizer.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 from gmixout_optim import GMixoutOptimizer, find_gmixout
@@ -47,6 +49,14 @@ def prepare(accelerator: Any, *objects: Any) -> Any:
         raise ValueError(f"prepare expects exactly one GMixoutOptimizer among the objects, got {len(opts)}")
     opt = opts[0]
     kind = accelerator.distributed_type
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true") and kind != DistributedType.FSDP:
+        # Accelerate honours an FSDP config only on accelerators (not with --cpu / use_cpu: true) and
+        # then runs plain data parallel without a word: every rank holds the whole model.
+        warnings.warn(
+            f"the Accelerate config asks for FSDP (ACCELERATE_USE_FSDP is set) but Accelerate runs "
+            f"{getattr(kind, 'value', kind)}, without sharding (it ignores FSDP on CPU): every rank holds the "
+            "whole model and optimizer state. GMixout trains correctly; to shard on CPU, call torch's "
+            "fully_shard yourself (docs/accelerate.md)", UserWarning, stacklevel=2)
     if kind == DistributedType.DEEPSPEED:
         from gmixout_optim.integrations import deepspeed as ds
         ds.install_locator(opt)

@@ -36,8 +36,14 @@ work on the fp32 master partitions and copy them back into the model's (16-bit) 
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import re
+import shutil
+import sys
+import tempfile
+import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -45,7 +51,7 @@ import torch
 
 from gmixout_optim import GMixoutOptimizer, Segment, find_gmixout
 from gmixout_optim.checkpoint import find_state_dict, restart_episodes_of
-from gmixout_optim.engine_internals import require
+from gmixout_optim.engine_internals import require, require_import
 
 from .deepspeed_config import NAME, check_config, check_params
 
@@ -78,8 +84,45 @@ class DeepSpeedGMixout(GMixoutOptimizer):
                 "capture_grads=True is not supported under DeepSpeed: DeepSpeed owns the gradient buffers (it "
                 "reduces and partitions the gradients itself and hands the optimizer flat partitions that "
                 "autograd never fills), so there is no backward hook to capture from; use capture_grads=False")
+        _check_building_engine_config()
         super().__init__(params, inner, **kwargs)
         install_locator(self)
+
+
+# The DeepSpeedEngine methods that build an optimizer from the config (the registered route)
+# and from a client callable; the engine is the `self` of their frame.
+_BUILDERS = {"_configure_basic_optimizer": False, "_configure_optimizer": True}  # name -> client route
+
+
+def _check_building_engine_config() -> None:
+    """:func:`check_config` on the config of the DeepSpeed engine that is building this optimizer.
+
+    DeepSpeed gives an optimizer it builds no config, and a config GMixout cannot work with
+    (stage 0 with bf16) would only fail at the first step; this finds the engine in the
+    calling frames and refuses the config inside ``deepspeed.initialize``. An optimizer built
+    before ``deepspeed.initialize`` (the instance route) is not checked here.
+    """
+    if "deepspeed.runtime.engine" not in sys.modules:
+        return  # not built by DeepSpeed
+    engine_cls = sys.modules["deepspeed.runtime.engine"].DeepSpeedEngine
+    for name in _BUILDERS:  # a rename would silently skip the check: fail loudly instead
+        _ds(engine_cls, name, "check the engine's config when it builds GMixout")
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            client = _BUILDERS.get(frame.f_code.co_name)
+            engine = frame.f_locals.get("self")
+            if client is not None and isinstance(engine, engine_cls):
+                config = _ds(_ds(engine, "_config", "read the engine's config"), "_param_dict",
+                             "read the engine's config")
+                if client:  # a client callable: the config names no optimizer
+                    check_config(config, client=True)
+                else:
+                    check_config(config, name=(config.get("optimizer") or {}).get("type", NAME))
+                return
+            frame = frame.f_back
+    finally:
+        del frame
 
 
 def install_locator(opt: GMixoutOptimizer) -> None:
@@ -112,9 +155,25 @@ def install_locator(opt: GMixoutOptimizer) -> None:
             return _zero3_segments(w, ds_id, params, first_key[g], g)
         return _zero12_segments(w, g, params)
 
+    def source(w: torch.Tensor, gi: int, i: int, full: dict[int, torch.Tensor]):
+        """``locate(w, gi, i)`` and, per segment key, the logical flat tensor it indexes, built
+        from ``full`` (id of a model parameter -> its full fp32 value)."""
+        g = group_of(gi)
+        segments = locate(w, gi, i)
+        if any(prm is w for prm in owners[g]) or isinstance(getattr(w, "ds_id", None), str):
+            keyed = {first_key[g] + j: full[id(prm)] for j, prm in enumerate(owners[g]) if id(prm) in full}
+        else:  # ZeRO-1/2: key g is the group flattened in parameter order
+            keyed = {g: torch.cat([full[id(prm)].reshape(-1) for prm in owners[g] if prm.requires_grad])}
+        return segments, keyed
+
     opt.set_locator(locate)
+    _SOURCES[opt] = source
     # ZeRO shows each rank only its partition of the gradient: agree on skipping non-finite steps.
     opt.set_sync_group("world")
+
+
+# optimizer -> its DeepSpeed layout (`source` in install_locator): writes saved fp32 masters back.
+_SOURCES: "weakref.WeakKeyDictionary[GMixoutOptimizer, Callable]" = weakref.WeakKeyDictionary()
 
 
 def _rank() -> int:
@@ -304,9 +363,13 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs
     """``engine.load_checkpoint`` that also changes world size after :func:`consolidate`.
 
     Same world size: DeepSpeed's own load (exact resume, mid-episode included). Another
-    world size: DeepSpeed loads the weights only (it refuses optimizer state then); this
-    restores each GMixout tensor's episode counter from the saved GMixout state, so the
-    next step starts the next episode. The checkpoint must have been saved after
+    world size: DeepSpeed loads the weights only (it refuses optimizer state then), from a
+    view of ``load_dir`` in which ``tag`` is the newest tag and every rank finds a
+    model-states file (DeepSpeed's ZeRO-3 load would otherwise read the weights of the newest
+    tag, whatever ``tag`` says, and fail on more ranks than saved); then the fp32 master
+    weights are set to the saved ones exactly (DeepSpeed rebuilds them from the 16-bit
+    weights of a bf16 run) and each GMixout tensor restarts at the saved episode, so the next
+    step starts the next episode. The checkpoint must have been saved after
     :func:`consolidate` (no running episode), else ``ValueError``. Dense groups restart
     their inner optimizer state, as with any DeepSpeed world-size change.
     """
@@ -317,12 +380,76 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, **kwargs
     if saved_world in (0, _world()):
         return engine.load_checkpoint(load_dir, tag, **kwargs)
     episodes = _saved_episodes(load_dir, tag)
+    masters = _saved_masters(load_dir, tag)
     kwargs["load_optimizer_states"] = False
-    result = engine.load_checkpoint(load_dir, tag, **kwargs)
+    with _tag_view(load_dir, tag) as view:
+        load_path, client_state = engine.load_checkpoint(view, tag, **kwargs)
+        if isinstance(load_path, str):
+            load_path = load_path.replace(view, os.path.abspath(load_dir), 1)
+    if masters is not None:
+        _write_masters(engine, masters)
     with _master_groups(engine) as opt:
         for g, number in episodes.items():
             opt.restart_episodes(number, g)
-    return result
+    return load_path, client_state
+
+
+@contextmanager
+def _tag_view(load_dir: str, tag: str) -> Iterator[str]:
+    """A private folder of links in which DeepSpeed loads ``tag`` as on the saving world size:
+    ``latest`` names ``tag``, and a rank without a ZeRO-3 model-states file gets a link to rank
+    0's (client state, lr scheduler and step counters are the same on every rank)."""
+    view = tempfile.mkdtemp(prefix="gmixout_ds_load_")
+    try:
+        src = os.path.abspath(os.path.join(load_dir, tag))
+        dst = os.path.join(view, tag)
+        os.makedirs(dst)
+        for name in os.listdir(src):
+            os.symlink(os.path.join(src, name), os.path.join(dst, name))
+        for first in glob.glob(os.path.join(src, "zero_pp_rank_0_mp_rank_*_model_states.pt")):
+            for rank in range(1, _world()):
+                name = os.path.basename(first).replace("zero_pp_rank_0_", f"zero_pp_rank_{rank}_", 1)
+                if not os.path.exists(os.path.join(dst, name)):
+                    os.symlink(first, os.path.join(dst, name))
+        with open(os.path.join(view, "latest"), "w") as f:
+            f.write(tag)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _saved_masters(load_dir: str, tag: str) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights saved at ``tag`` (parameter name -> full tensor), read by
+    DeepSpeed's ``zero_to_fp32``; None, with a warning, for a checkpoint it cannot read
+    (DeepSpeed's BF16_Optimizer)."""
+    read = require_import("deepspeed.utils.zero_to_fp32", "get_fp32_state_dict_from_zero_checkpoint",
+                          engine="deepspeed", purpose="read the fp32 master weights of a checkpoint")
+    try:
+        return read(load_dir, tag=tag)
+    except Exception as err:  # noqa: BLE001 - zero_to_fp32 raises assorted errors on formats it cannot read
+        warnings.warn(f"the fp32 master weights of {load_dir}/{tag} cannot be read ({type(err).__name__}: {err}); "
+                      "training goes on from the masters DeepSpeed rebuilt from the model's weights (rounded to "
+                      "16 bits in a bf16 run)", RuntimeWarning, stacklevel=3)
+        return None
+
+
+@torch.no_grad()
+def _write_masters(engine: Any, masters: dict[str, torch.Tensor]) -> None:
+    """Set every fp32 master partition from the saved full weights, then the model's weights."""
+    full = {id(prm): masters[name].float() for name, prm in engine.module.named_parameters() if name in masters}
+    with _master_groups(engine) as opt:
+        source = _SOURCES.get(opt)
+        if source is None:
+            raise RuntimeError("the engine's GMixoutOptimizer has no DeepSpeed locator: build it as "
+                               "DeepSpeedGMixout, or call install_locator before deepspeed.initialize")
+        for gi, group in enumerate(opt.param_groups):
+            for i, w in enumerate(group["params"]):
+                segments, keyed = source(w, gi, i, full)
+                flat = w.detach().view(-1)
+                for seg in segments:
+                    values = keyed[seg.key].reshape(-1)[seg.offset:seg.offset + seg.length]
+                    flat[seg.start:seg.start + values.numel()].copy_(values)
+    _sync_model_weights(engine)
 
 
 def _optim_files(load_dir: str, tag: str) -> list[str]:

@@ -19,17 +19,19 @@ __all__ = ["NAME", "check_config", "check_params"]
 NAME = "GMixout"
 
 
-def _is_registered() -> bool:
+def _is_registered(name: str = NAME) -> bool:
     from . import deepspeed  # the registration lives there (imported lazily: it imports this module)
-    return deepspeed.is_registered(NAME)
+    return deepspeed.is_registered(name)
 
 
-def check_config(config: dict | str | os.PathLike, *, client: bool = False) -> dict:
+def check_config(config: dict | str | os.PathLike, *, client: bool = False, name: str = NAME) -> dict:
     """Explain, before DeepSpeed fails or silently swaps the optimizer, what a GMixout config lacks.
 
     ``config``: the DeepSpeed config dict or a JSON path. ``client=True`` when the optimizer
-    is passed to ``deepspeed.initialize`` instead of named in the config. Raises
-    ``ValueError`` listing every problem; returns the GMixout ``params`` (``{}`` on the
+    is passed to ``deepspeed.initialize`` instead of named in the config; ``name``: the name
+    given to ``register``. ``DeepSpeedGMixout`` runs it on the config of the engine that builds
+    it (the registered and callable routes), so ``deepspeed.initialize`` refuses a bad config.
+    Raises ``ValueError`` listing every problem; returns the GMixout ``params`` (``{}`` on the
     client route). Checked: the type name, the GMixout params (naming the bad value), the
     flags ZeRO needs for an optimizer it does not know, and the ZeRO settings under which
     supports would depend on the world size or state would be resliced as Adam's.
@@ -46,11 +48,11 @@ def check_config(config: dict | str | os.PathLike, *, client: bool = False) -> d
                             'client optimizer and ignore the block; remove one')
     else:
         typ = (opt_block or {}).get("type")
-        if typ != NAME:
-            hint = " (the name is case-sensitive)" if isinstance(typ, str) and typ.lower() == NAME.lower() else ""
-            problems.append(f'optimizer.type is {typ!r}, expected "{NAME}"{hint}')
-        elif not _is_registered():
-            problems.append(f"torch.optim.{NAME} is not registered on this rank: call "
+        if typ != name:
+            hint = " (the name is case-sensitive)" if isinstance(typ, str) and typ.lower() == name.lower() else ""
+            problems.append(f'optimizer.type is {typ!r}, expected "{name}"{hint}')
+        elif not _is_registered(name):
+            problems.append(f"torch.optim.{name} is not registered on this rank: call "
                             "gmixout_optim.integrations.deepspeed.register() before deepspeed.initialize")
         params = dict((opt_block or {}).get("params") or {})
         try:

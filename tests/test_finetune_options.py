@@ -90,8 +90,6 @@ def test_help_and_argument_errors_load_none_of_the_finetune_modules():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.xfail(strict=True, reason="gmixout_optim/__init__.py imports the optimizer, hence torch, eagerly; "
-                                       "lazy exports there (PEP 562 __getattr__, core owners) make --help torch-free")
 def test_help_does_not_import_torch():
     out = _fresh_python("""
         import sys

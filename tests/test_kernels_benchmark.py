@@ -1,11 +1,12 @@
 """benchmarks/kernels.py still runs (tiny sizes) and writes the JSON a GPU run will fill in."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,9 +15,9 @@ def test_benchmark_runs_and_writes_its_json(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the benchmark times the real path of the device
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--device", device,
-                           "--numel", "20000", "--preset", "small", "--resample-every", "3", "--reps", "1",
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = launch.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--device", device,
+                       "--numel", "20000", "--preset", "small", "--resample-every", "3", "--reps", "1",
+                       "--out", str(tmp_path)], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (path,) = tmp_path.glob("kernels_*.json")
     result = json.loads(path.read_text())

@@ -7,10 +7,11 @@ process without ``TRITON_INTERPRET`` (the flag replaces the compiler for the who
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+import launch
 
 pytest.importorskip("triton")
 
@@ -29,8 +30,7 @@ def report(tmp_path_factory):
             "'kernels': sorted(aot.kernels_in_package())}, open(sys.argv[1], 'w'))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, "-c", code, str(out / "r.json"), *map(str, ARCHS)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = launch.run([sys.executable, "-c", code, str(out / "r.json"), *map(str, ARCHS)], env=env, timeout=900)
     if proc.returncode:
         if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
             pytest.skip("Triton's bundled ptxas is missing")

@@ -30,7 +30,9 @@ def test_timeout_kills_the_whole_process_group_and_reports_the_output(monkeypatc
     message = str(info.value)
     assert "timed out after" in message and "killed process group" in message
     assert launch.SCALE_ENV in message  # says how to give a slow machine more time
-    worker = int(message.split("worker ", 1)[1].split()[0])  # the output tail reached the message
+    # the output tail reached the message (a worker left alive would hold the pipes and lose it)
+    assert "worker " in message, message
+    worker = int(message.split("worker ", 1)[1].split()[0])
     deadline = time.monotonic() + 30
     while _alive(worker) and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
         time.sleep(0.1)

@@ -213,12 +213,16 @@ def test_optimizer_level_equals_module_level(inner, merge, policy):
 def test_triton_kernels_equal_module_level(inner, merge, policy, monkeypatch):
     """The same check through the Triton kernels (the fused AdamW step, the support draw,
     gather/write/merge), run by Triton's interpreter on CPU (TRITON_INTERPRET=1, tests/conftest.py)."""
-    from gmixout_optim import kernels, step
+    from gmixout_optim import grouped, kernels, step
 
     calls = []
     fused = step.TRITON.fused_adamw_step  # the resolver's Triton implementations (gmixout_optim.step)
     monkeypatch.setattr(step, "TRITON", step.TRITON._replace(
         fused_adamw_step=lambda *a, **kw: calls.append(1) or fused(*a, **kw)))
+    # the grouped step (gmixout_optim.grouped) takes every fused tensor after the first step
+    fused_grouped = grouped.fused_adamw_step_grouped
+    monkeypatch.setattr(grouped, "fused_adamw_step_grouped",
+                        lambda *a, **kw: calls.append(1) or fused_grouped(*a, **kw))
     before = kernels.get_backend()
     kernels.set_backend("triton")
     try:

@@ -112,11 +112,17 @@ def test_complex_or_integer_parameters(dtype):
         opt.step()
 
 
-def test_non_contiguous_parameter():
-    w = torch.nn.Parameter(torch.randn(5, 4).t())  # a leaf that is not contiguous
-    opt = GMixoutOptimizer([w], inner="SGD", lr=0.1)
-    w.grad = torch.ones_like(w)
-    with pytest.raises(BAD, match="contiguous"):
+def test_parameter_with_gaps_in_memory():
+    """A dense non-contiguous weight (transposed, channels_last) trains (tests/test_hardening.py);
+    one whose elements do not fill their memory is refused at construction, naming it."""
+    w = torch.nn.Parameter(torch.randn(5, 8)[:, ::2])
+    with pytest.raises(BAD, match=r"param group 0, parameter 0[\s\S]*gaps or overlaps[\s\S]*contiguous\(\)"):
+        GMixoutOptimizer([w], inner="SGD", lr=0.1)
+    ok = torch.nn.Parameter(torch.randn(5, 4))
+    opt = GMixoutOptimizer([ok], inner="SGD", lr=0.1)
+    ok.data = torch.randn(5, 8)[:, ::2]  # swapped in after construction: refused at the step
+    ok.grad = torch.ones_like(ok)
+    with pytest.raises(BAD, match=r"param group 0, parameter 0[\s\S]*gaps or overlaps"):
         opt.step()
 
 

@@ -71,11 +71,18 @@ def unchanged_sets(names, data_cfg: dict, cache_dir: str | None = None) -> list:
     return out
 
 
-def load_test_tensors(names, data_cfg: dict, image_size: int, mean, std, cache_dir=None) -> dict:
-    """{name: (inputs, labels)} ready for the model."""
+def load_test_tensors(names, data_cfg: dict, image_size: int, mean, std, cache_dir=None, progress: bool = False) -> dict:
+    """{name: (inputs, labels)} ready for the model; ``progress`` prints one line per set (corrupting
+    a thousand images takes seconds to a minute: the first build of a run is its slowest phase)."""
+    import time
+
     out = {}
-    for name in names:
+    for i, name in enumerate(names):
+        t0 = time.perf_counter()
         x, y = load_images(name, data_cfg, cache_dir)
+        if progress:
+            print(f"[test sets] {i + 1}/{len(names)} {name}: {len(y)} images ({time.perf_counter() - t0:.1f} s)",
+                  flush=True)
         out[name] = (D.to_model_input(x, image_size, mean, std), torch.from_numpy(y))
     return out
 

@@ -8,6 +8,7 @@ final model is scored on every test set, and the table and plot are written by `
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -94,6 +95,8 @@ def validate(cfg: dict) -> dict:
     if not cfg["seeds"]:
         raise ValueError("seeds must list at least one seed")
     cfg["threads"] = resolve_threads(cfg["threads"])  # decided once, recorded in results.json
+    if cfg["resume"] not in (True, False, "any_code"):
+        raise ConfigError(f"resume={cfg['resume']!r}: allowed: true, false, any_code")
     from .posthoc import check
     check(cfg)
     return cfg
@@ -183,27 +186,73 @@ def fingerprint(cfg: dict, method: str, overrides: dict, seed: int) -> str:
     return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# What decides a run's weights and scores besides its settings: these sources (everything of the
+# package but the command line, the report and the post-hoc combinations) and these packages.
+_REPORT_ONLY = {"cli.py", "options.py", "report.py", "stats.py", "posthoc.py"}
+_PACKAGES = ("torch", "timm", "numpy", "peft", "imagecorruptions-imaug", "scikit-image", "scikit-learn", "mlxtend")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the training and scoring code and package versions. Runs are reused only when it
+    matches: the committed comparison once mixed runs of several code states (issue 12), because
+    a run was matched on its settings alone."""
+    import hashlib
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the gmixout_optim package
+    h = hashlib.sha1()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if not name.endswith(".py") or (os.path.basename(dirpath) == "finetune" and name in _REPORT_ONLY):
+                continue
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    for pkg in _PACKAGES:
+        try:
+            h.update(f"{pkg}=={metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{pkg} absent".encode())
+    return h.hexdigest()[:16]
+
+
 def _train(cfg, method, overrides, seed, run_dir):
     """Train in this process, or in a fresh one when ``isolate`` (a clean peak-memory figure).
 
-    With ``resume: true`` a run directory whose run.json carries the same ``fingerprint`` is
-    reused instead of trained again (an interrupted comparison picks up where it stopped).
+    With ``resume: true`` a run directory whose run.json carries the same ``fingerprint`` and was
+    trained by the same code (``code_version``) is reused instead of trained again (an
+    interrupted comparison picks up where it stopped); ``resume: any_code`` reuses it whatever
+    code trained it, and says so.
     """
-    fp = fingerprint(cfg, method, overrides, seed)
+    fp, code = fingerprint(cfg, method, overrides, seed), code_version()
     meta = os.path.join(run_dir, "run.json")
     rec = None
     if cfg.get("resume") and os.path.exists(meta) and os.path.exists(os.path.join(run_dir, "model.pt")):
         with open(meta) as f:
             rec = json.load(f)
-        if rec.get("fingerprint") == fp:
+        if rec.get("fingerprint") != fp:
+            rec = None
+        elif rec.get("code") == code:
             print(f"[resume] reusing {run_dir}", flush=True)
+        elif cfg["resume"] == "any_code":
+            print(f"[resume] reusing {run_dir}, trained by other code (resume: any_code)", flush=True)
         else:
+            print(f"[resume] {run_dir}: same settings but trained by other code: training again "
+                  "(resume: any_code would reuse it)", flush=True)
             rec = None
     if rec is None:
+        if cfg["progress"]:
+            print(f"[train] {method} {overrides or ''} seed {seed}: data, model, {cfg['train']['steps']} steps", flush=True)
         rec = _train_now(cfg, method, overrides, seed, run_dir)
-        rec["fingerprint"] = fp
+        rec["fingerprint"], rec["code"] = fp, code
         write_record(run_dir, rec)
     if cfg["train"].get("recalibrate_bn"):
+        if cfg["progress"] and not rec.get("bn_recalibrated"):
+            print(f"[bn] {method} seed {seed}: re-estimating BatchNorm statistics on "
+                  f"{cfg['train'].get('bn_batches', 10)} ID training batches", flush=True)
         rec = recalibrate_saved_run(cfg, run_dir, rec)
     elif rec.get("bn_recalibrated"):
         raise ConfigError(f"{run_dir} holds a model with re-estimated BatchNorm statistics but train.recalibrate_bn "
@@ -268,7 +317,7 @@ def run_experiment(cfg: dict) -> dict:
             else:
                 if test_tensors is None:
                     test_tensors = load_test_tensors(cfg["test_sets"], cfg["data"], m["image_size"], m["mean"], m["std"],
-                                                     os.path.join(work, "cache"))
+                                                     os.path.join(work, "cache"), progress=cfg["progress"])
                 rec["test"] = evaluate_sets(model, test_tensors, cfg["progress"])
             rec["test_sets"] = list(cfg["test_sets"])
             write_record(run_dir, rec)

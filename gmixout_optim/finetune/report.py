@@ -65,6 +65,9 @@ def summarize(result: dict) -> list[dict]:
         alphas = [r["extra"]["wise_alpha"] for r in recs if "wise_alpha" in r.get("extra", {})]
         if alphas:
             row["wise_alpha"] = alphas
+        probe_c = [r["extra"]["lp_c"] for r in recs if "lp_c" in r.get("extra", {})]
+        if probe_c:
+            row["lp_c"] = probe_c
         soups = [len(r["extra"]["ingredients"]) for r in recs if method.startswith("soup_")]
         if soups:
             row["ingredients"] = soups
@@ -143,6 +146,8 @@ def markdown_table(rows: list[dict]) -> str:
             (f"none (lr={r.get('lr')} set in the config)" if r.get("lr") is not None else "none")
         if "wise_alpha" in r:
             chosen += f"; alpha={r['wise_alpha']}"
+        if "lp_c" in r:
+            chosen += f"; probe C={r['lp_c']}"
         if "ingredients" in r:
             chosen += f"; models in the soup per seed: {r['ingredients']}"
         d = [_interval(r.get("d_id")), _interval(r.get("d_ood"))] if paired else []
@@ -244,8 +249,11 @@ def write_report(result: dict, out_dir: str) -> dict:
           *([f"Left out of the OOD sets (the corruption leaves these grey-scale images unchanged, so the set is "
              f"the ID test set again): {', '.join(result['unchanged_sets'])}.", ""] if result.get("unchanged_sets") else []),
           "`train s`: training wall time (incl. the method's finish step). `peak MB`: peak RSS growth during "
-          "training (sampled every 5 ms after malloc_trim), measured per method in a fresh process over "
-          f"{cfg.get('memory_probe_steps') or tr.get('steps')} training steps and the method's finish. `state MB`: optimizer state plus the method's extra weight copies "
+          "training (sampled every 5 ms after malloc_trim), "
+          + (f"measured per method in a fresh process over {cfg['memory_probe_steps']} training steps"
+             if cfg.get("memory_probe_steps") else
+             f"measured during each run's {tr.get('steps')} training steps in the experiment's process (no fresh-process probe)")
+          + " and the method's finish. `state MB`: optimizer state plus the method's extra weight copies "
           "(EMA weights; Mixout's anchor).", "",
           f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs ({machine.get('torch_threads')} torch "
           f"threads), {machine.get('platform')}, torch {machine.get('torch')}, timm {machine.get('timm')}. "
