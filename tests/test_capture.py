@@ -298,3 +298,23 @@ def test_a_rebuilt_optimizer_takes_the_captured_gradients():
     opt_ref.step()
     assert_same(model, ref, "the newest capturing optimizer")
     assert all(not st for st in first.state.values()), "the replaced optimizer still captured"
+
+
+def test_capture_channels_last_conv_bitwise():
+    """A channels_last Conv weight addresses its support through memory positions: the hook must
+    read the gradient as the gather does."""
+    runs = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
+        opt = GMixoutOptimizer(gmixout_param_groups(model), capture_grads=capture, p=P, resample_every=2, seed=3,
+                               lr=LR)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(2, 3, 9, 9, generator=g).to(memory_format=torch.channels_last)
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(model)
+    assert not runs[0][0].weight.is_contiguous(), "the test must use a non-row-major weight"
+    assert_same(runs[1], runs[0], "channels_last conv, capture vs not")
