@@ -43,7 +43,13 @@ mode predicted above the machine's free memory (``MemAvailable`` less ``--margin
 ``--max-gb``) is not run: its row shows the prediction and says so. While a child runs, it
 is stopped if the machine's MemAvailable falls below 1 GB (the machine may be shared).
 
+Sharded (``--fsdp2-ranks N``): the GMixout modes under FSDP2 on N gloo CPU ranks of this machine
+(each transformer block and the root ``fully_shard``-ed from the meta device, so no rank ever
+holds the whole model; batch 1 per rank); the row holds the largest per-rank peak, and the
+table compares it with the same mode in one process.
+
 Run: python benchmarks/memory.py [--models vit_b16 vit_l16 vit_bigg14] [--modes ...] [--device cpu]
+     [--fsdp2-ranks 2]
 Writes benchmarks/results/memory_cpu.json (CUDA: memory_<gpu name>.json) and prints the table.
 """
 from __future__ import annotations
@@ -71,6 +77,7 @@ MODE_SPEC = {  # parameter dtype, autocast, optimizer, capture_grads
 IMAGE_SIZE = 112
 P_MASK = 0.9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's gmixout_optim, not an installed one
 
 
 # -- models -----------------------------------------------------------------------------
@@ -168,7 +175,29 @@ def capture_available() -> bool:
     return "capture_grads" in inspect.signature(GMixoutOptimizer.__init__).parameters
 
 
-def child(model_name: str, mode: str, device: str, steps: int, resample_every: int, checkpointing: bool) -> dict:
+def _init_sharded(model) -> None:
+    """FSDP2 from the meta device: each block, then the root; only this rank's shards are ever
+    allocated, then filled (timm-like values: normal(0, 0.02) matrices, unit norm weights, zero biases)."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    for block in [m for m in model.modules() if type(m).__name__ in ("Block", "ResidualAttentionBlock")]:
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            shard, leaf = prm.to_local(), name.rsplit(".", 1)[-1]
+            if prm.dim() >= 2 or leaf in ("cls_token", "pos_embed", "class_embedding", "positional_embedding"):
+                shard.normal_(0.0, 0.02)
+            elif leaf == "bias":
+                shard.zero_()
+            else:  # norm weights
+                shard.fill_(1.0)
+
+
+def child(model_name: str, mode: str, device: str, steps: int, resample_every: int, checkpointing: bool,
+          sharded_out: str | None = None) -> dict:
     import torch
 
     torch_rss = _status_kb("VmRSS")  # right after `import torch`
@@ -181,6 +210,10 @@ def child(model_name: str, mode: str, device: str, steps: int, resample_every: i
         import timm  # noqa: F401
     from gmixout_optim import GMixoutOptimizer, gmixout_param_groups
 
+    if sharded_out:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     base_rss = _status_kb("VmRSS")
 
     dtype_name, autocast, opt_name, capture = MODE_SPEC[mode]
@@ -191,10 +224,12 @@ def child(model_name: str, mode: str, device: str, steps: int, resample_every: i
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with dev:
+        with torch.device("meta") if sharded_out else dev:
             model = build_model(model_name, checkpointing)
     finally:
         torch.set_default_dtype(old)
+    if sharded_out:
+        _init_sharded(model)
     build_s = time.perf_counter() - t0
     model.train()
     if opt_name == "adamw":
@@ -228,7 +263,7 @@ def child(model_name: str, mode: str, device: str, steps: int, resample_every: i
     # step i (1-based) ends an episode iff i % resample_every == 0: report the last of each kind
     boundary = [i for i in range(steps) if (i + 1) % resample_every == 0]
     inside = [i for i in range(steps) if (i + 1) % resample_every != 0 and i > 0]
-    return {"peak_bytes": peak, "imports_bytes": base_rss - torch_rss,
+    result = {"peak_bytes": peak, "imports_bytes": base_rss - torch_rss,
             "step_cpu_s": cpu[-1], "step_wall_s": wall[-1],
             "boundary_step_cpu_s": cpu[boundary[-1]] if boundary else None,
             "inner_step_cpu_s": cpu[inside[-1]] if inside else None,
@@ -236,6 +271,14 @@ def child(model_name: str, mode: str, device: str, steps: int, resample_every: i
             "build_s": build_s, "losses": losses, "skipped_steps": getattr(opt, "skipped_steps", 0),
             "baseline": ("VmRSS after import torch, timm/open_clip and gmixout_optim" if dev.type == "cpu"
                          else "max_memory_allocated")}
+    if sharded_out:
+        import torch.distributed as dist
+
+        with open(os.path.join(sharded_out, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(result, f)
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 # -- the parent -----------------------------------------------------------------------------
@@ -248,13 +291,23 @@ def mem_available() -> int:
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def run_child(args, model: str, mode: str) -> dict:
+def run_child(args, model: str, mode: str, ranks: int = 0) -> dict:
+    """One (model, mode) in a fresh process; ``ranks`` > 0: FSDP2 over that many gloo ranks
+    (torchrun), the row holding the largest per-rank peak and every rank's figures."""
+    import tempfile
+
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", model, mode, "--device", args.device,
-           "--steps", str(args.steps), "--resample-every", str(args.resample_every)]
+    launcher = [sys.executable]
+    if ranks:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    cmd = launcher + [os.path.abspath(__file__), "--child", model, mode, "--device", args.device,
+                      "--steps", str(args.steps), "--resample-every", str(args.resample_every)]
     if args.checkpointing:
         cmd.append("--checkpointing")
+    tmp = tempfile.mkdtemp(prefix="gmixout_memory_") if ranks else None
+    if ranks:
+        cmd += ["--sharded-out", tmp]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     low = False
     while proc.poll() is None:
@@ -267,6 +320,15 @@ def run_child(args, model: str, mode: str) -> dict:
         return {"status": f"aborted: machine MemAvailable fell below {args.abort_below_gb} GB"}
     if proc.returncode != 0:
         return {"status": f"failed (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}"}
+    if ranks:
+        per_rank = []
+        for r in range(ranks):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
+            os.remove(os.path.join(tmp, f"rank{r}.json"))
+        os.rmdir(tmp)
+        top = max(per_rank, key=lambda x: x["peak_bytes"])
+        return {"status": "measured", **top, "ranks": ranks, "per_rank_peak_bytes": [x["peak_bytes"] for x in per_rank]}
     return {"status": "measured", **json.loads(out.strip().splitlines()[-1])}
 
 
@@ -274,15 +336,22 @@ def _inner_cpu(r: dict) -> float:
     return r["inner_step_cpu_s"] if r.get("inner_step_cpu_s") is not None else r["step_cpu_s"]
 
 
-def fmt_row(r: dict, amp: dict | None) -> str:
+def fmt_row(r: dict, base: dict | None) -> str:
+    """One table row; ``base``: adamw_amp of the model (ratio of in-episode CPU time), or for an
+    FSDP2 row the same mode in one process (ratio of peak memory per rank)."""
     pred = r["predicted"]["total"] / r["params"]
+    ranks = r.get("ranks", 1)
+    mode = r["mode"] if ranks == 1 else f"{r['mode']}, FSDP2 {ranks} ranks (per rank)"
     if "peak_bytes" not in r:
-        return (f"| {r['model']} | {r['mode']} | {pred:.1f} ({r['predicted']['total'] / 1e9:.1f} GB) | - | - | - | - "
+        return (f"| {r['model']} | {mode} | {pred:.1f} ({r['predicted']['total'] / 1e9:.1f} GB) | - | - | - | - "
                 f"| {r['status']} |")
-    ratio = f"{_inner_cpu(r) / _inner_cpu(amp):.2f}" if amp else "-"
+    if ranks > 1:
+        ratio = f"memory {r['peak_bytes'] / base['peak_bytes']:.2f}x one process" if base else "-"
+    else:
+        ratio = f"{_inner_cpu(r) / _inner_cpu(base):.2f}" if base else "-"
     inner = f"{_inner_cpu(r):.2f}"
     boundary = f"{r['boundary_step_cpu_s']:.2f}" if r.get("boundary_step_cpu_s") is not None else "-"
-    return (f"| {r['model']} | {r['mode']} | {pred:.1f} | {r['peak_bytes'] / r['params']:.2f} | "
+    return (f"| {r['model']} | {mode} | {pred:.1f} | {r['peak_bytes'] / r['params']:.2f} | "
             f"{r['peak_bytes'] / 1e9:.2f} | {inner} / {boundary} | {ratio} | {r['status']} |")
 
 
@@ -295,11 +364,14 @@ def main() -> None:
     ap.add_argument("--resample-every", type=int, default=2)
     ap.add_argument("--checkpointing", action="store_true", help="the models' activation checkpointing")
     ap.add_argument("--margin-gb", type=float, default=3.0, help="kept free beside a run's predicted peak")
-    ap.add_argument("--max-gb", type=float, default=None, help="skip modes predicted above this (default: "
-                    "MemAvailable - margin, read before each run)")
+    ap.add_argument("--max-gb", type=float, default=None, help="also skip modes predicted above this (always "
+                    "skipped: above MemAvailable - margin, read before each run)")
     ap.add_argument("--abort-below-gb", type=float, default=1.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fsdp2-ranks", type=int, default=0,
+                    help="also run the GMixout modes under FSDP2 on this many gloo CPU ranks (per-rank peak)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--sharded-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
@@ -307,7 +379,8 @@ def main() -> None:
         raise SystemExit(f"--resample-every must be >= 1, got {args.resample_every}")
     if args.child:
         model, mode = args.child
-        print(json.dumps(child(model, mode, args.device, args.steps, args.resample_every, args.checkpointing)))
+        print(json.dumps(child(model, mode, args.device, args.steps, args.resample_every, args.checkpointing,
+                               args.sharded_out)))
         return
 
     import torch
@@ -325,22 +398,27 @@ def main() -> None:
             row = {"model": model, "mode": mode, "params": shape["params"], "shape": shape, "predicted": pred,
                    "param_dtype": MODE_SPEC[mode][0], "autocast_bf16": MODE_SPEC[mode][1],
                    "activation_checkpointing": args.checkpointing, "steps": args.steps,
-                   "resample_every": args.resample_every,
+                   "resample_every": args.resample_every, "ranks": args.fsdp2_ranks or 1,
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             if args.device == "cuda":
                 free = torch.cuda.mem_get_info()[0]
             else:
                 free = mem_available()
-            budget = args.max_gb * 1e9 if args.max_gb is not None else free - args.margin_gb * 1e9
+            budget = free - args.margin_gb * 1e9
+            if args.max_gb is not None:
+                budget = min(budget, args.max_gb * 1e9)
             if MODE_SPEC[mode][3] and not has_capture:
                 row["status"] = "not available (GMixoutOptimizer has no capture_grads)"
+            elif args.fsdp2_ranks and (MODE_SPEC[mode][2] != "gmixout" or args.device != "cpu"):
+                continue  # the sharded measurement is of GMixout on CPU ranks
             elif pred["total"] > budget:
-                row["status"] = (f"not run: predicted {pred['total'] / 1e9:.1f} GB > {budget / 1e9:.1f} GB free "
-                                 f"(MemAvailable {free / 1e9:.1f} GB less {args.margin_gb} GB margin)")
+                row["status"] = (f"not run: predicted {pred['total'] / 1e9:.1f} GB > {budget / 1e9:.1f} GB allowed "
+                                 f"(MemAvailable {free / 1e9:.1f} GB less {args.margin_gb} GB margin"
+                                 + (f", --max-gb {args.max_gb}" if args.max_gb is not None else "") + ")")
             else:
                 print(f"[run] {model} {mode}: predicted {pred['total'] / 1e9:.2f} GB, free {free / 1e9:.1f} GB",
                       flush=True)
-                row.update(run_child(args, model, mode))
+                row.update(run_child(args, model, mode, args.fsdp2_ranks))
                 if row["status"] == "measured" and row["skipped_steps"]:
                     row["status"] = f"measured, but {row['skipped_steps']} step(s) skipped (non-finite)"
             print(f"[{row['status']}] {model} {mode}" + (
@@ -354,18 +432,22 @@ def main() -> None:
     if os.path.exists(out):  # keep the rows of models/modes not run this time
         with open(out) as f:
             old = json.load(f).get("rows", [])
-        mine = {(r["model"], r["mode"]) for r in rows}
-        rows = [r for r in old if (r["model"], r["mode"]) not in mine] + rows
-        rows.sort(key=lambda r: (MODELS.index(r["model"]), MODES.index(r["mode"])))
+        mine = {(r["model"], r["mode"], r.get("ranks", 1)) for r in rows}
+        rows = [r for r in old if (r["model"], r["mode"], r.get("ranks", 1)) not in mine] + rows
+        rows.sort(key=lambda r: (MODELS.index(r["model"]), r.get("ranks", 1), MODES.index(r["mode"])))
 
     print(f"\n{what}; batch 1 at {IMAGE_SIZE} px; steps / resample_every per row in the JSON")
     print("| model | mode | predicted B/param | measured B/param | GB | step CPU s (in episode / merge+redraw) "
           "| in-episode CPU / adamw_amp | status |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        amp = next((a for a in rows if a["model"] == r["model"] and a["mode"] == "adamw_amp" and "peak_bytes" in a),
-                   None)
-        print(fmt_row(r, amp))
+        if r.get("ranks", 1) == 1:
+            base = next((a for a in rows if a["model"] == r["model"] and a["mode"] == "adamw_amp"
+                         and a.get("ranks", 1) == 1 and "peak_bytes" in a), None)
+        else:  # a sharded row: its per-rank peak against the same mode in one process
+            base = next((a for a in rows if a["model"] == r["model"] and a["mode"] == r["mode"]
+                         and a.get("ranks", 1) == 1 and "peak_bytes" in a), None)
+        print(fmt_row(r, base))
     result = {"benchmark": "memory", "measure": what, "image_size": IMAGE_SIZE, "batch": 1, "p": P_MASK,
               "device": gpu or "cpu",
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1},

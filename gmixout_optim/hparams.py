@@ -94,6 +94,8 @@ HPARAMS: dict[str, HParam] = {h.name: h for h in (
            choices=STATE_POLICIES),
     HParam("seed", int, 0, "seed of the support draws", low=0, high=2**63, high_open=True),
     HParam("skip_nonfinite", bool, True, "skip a step whose gradients hold inf/nan"),
+    HParam("capture_grads", bool, False, "a backward hook keeps only each GMixout tensor's support gradient "
+           "and frees its dense gradient (no dense weight gradient kept)"),
 )}
 
 # Keys every param group carries (they may differ between groups).

@@ -16,12 +16,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, episode, grouped, hparams, sharding
+from . import capture, checkpoint, episode, grouped, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
-from .state import drop_compact, positions
+from .state import SUPPORT_SIZE, drop_compact, positions
 from .step import (Work, all_finite, clear_unstepped, collect, gather_grads, gmixout_step, initialize_inner,
-                   resolve)
+                   kernels_for, resolve)
 
 __all__ = ["GMixoutOptimizer", "find_gmixout"]
 
@@ -76,6 +76,17 @@ class GMixoutOptimizer(Optimizer):
     GPU path (see docs/DESIGN.md) the check stays on the device and the count and warning
     come one step late; reading ``skipped_steps`` waits for the last verdict.
 
+    Gradient capture (``capture_grads=True``): a post-accumulate-grad hook on each GMixout
+    tensor keeps only :math:`\nabla_W[S_e]` in a compact fp32 buffer (summed over
+    micro-batches) and frees the dense gradient as soon as autograd has accumulated it, so
+    no dense weight gradient outlives its layer's backward. Results are bitwise those of
+    ``capture_grads=False``. ``step()`` consumes the captured gradients; ``zero_grad()``
+    empties them; clip with :meth:`clip_grad_norm_` (``torch.nn.utils.clip_grad_norm_`` over
+    the model does not see them). Works in one process and under FSDP2 (its hooks run on
+    the sharded parameter after the reduce-scatter); refused under DDP and DeepSpeed, where
+    the hook would see a gradient that is not the one the step must use
+    (:mod:`gmixout_optim.capture`).
+
     Args:
         params: parameters or param groups, or an existing torch optimizer to wrap.
             Group keys ``gmixout`` (False trains the group densely with the inner
@@ -88,6 +99,8 @@ class GMixoutOptimizer(Optimizer):
         merge: ``"ema"`` or ``"residual"``.
         state_policy: ``"remap"``, ``"carry"`` or ``"reset"``.
         seed: RNG seed of the supports.
+        skip_nonfinite: skip a step with a non-finite gradient (see above).
+        capture_grads: keep only the support gradients (see above).
         **inner_kwargs: passed to the inner optimizer (e.g. ``lr=1e-5``).
     """
 
@@ -103,10 +116,16 @@ class GMixoutOptimizer(Optimizer):
         state_policy: str = "remap",
         seed: int = 0,
         skip_nonfinite: bool = True,
+        capture_grads: bool = False,
         **inner_kwargs: Any,
     ) -> None:
         checked = hparams.check_kwargs(dict(p=p, ema_decay=ema_decay, resample_every=resample_every, merge=merge,
-                                            state_policy=state_policy, seed=seed, skip_nonfinite=skip_nonfinite))
+                                            state_policy=state_policy, seed=seed, skip_nonfinite=skip_nonfinite,
+                                            capture_grads=capture_grads))
+        # add_param_group (called by Optimizer.__init__ below) registers the capture hooks.
+        self._capture_grads = checked["capture_grads"]
+        self._capture_hooks: dict = {}
+        self._capture_index: dict = {}
         inner_opt = inner_from(params, inner, inner_kwargs, GMixoutOptimizer)
         self._inner = inner_opt
         self._merge = checked["merge"]
@@ -202,7 +221,19 @@ class GMixoutOptimizer(Optimizer):
                         f"GMixout trains real floating-point tensors; a parameter{where} has dtype {prm.dtype}")
                 self._check_layout(prm, gi, i)
         param_group["params"] = params
+        if param_group["gmixout"] and self._capture_grads:
+            for i, prm in enumerate(params):
+                capture.check_tensor(prm, f"{where}, index {i}")
+                capture.check_world(prm, f"{where}, index {i}")
         self._inner.add_param_group(param_group)
+        if param_group["gmixout"] and self._capture_grads:
+            for i, prm in enumerate(params):
+                if prm not in self._capture_hooks:
+                    self._capture_hooks[prm] = capture.install_hook(self, prm, f"{where}, index {i}")
+        elif self._capture_grads:
+            for prm in params:
+                if sharding.is_dtensor(prm) and prm.requires_grad and prm not in self._capture_hooks:
+                    self._capture_hooks[prm] = capture.install_dense_hook(prm)
 
     @staticmethod
     def _check_layout(w: torch.Tensor, gi: int, i: int) -> None:
@@ -278,7 +309,7 @@ class GMixoutOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sparse, dense = collect(self.param_groups)
+        sparse, dense = self._collect()
         sync = sharding.sync_group(self._sync_group, self.param_groups)
         if not sparse and not dense and sharding.agrees_alone(sync):
             return loss
@@ -287,24 +318,32 @@ class GMixoutOptimizer(Optimizer):
         init_only = len(fresh) == len(sparse) + len(dense) and all(not sharding.local(w.grad).any() for w in fresh)
         work = []
         for w, group, gi, i in sparse:
-            st = self._state[w]
-            if "episode" not in st:
-                st.update(episode=0, episode_step=0)
-            if "support" not in st:
-                self._start_episode(w, st, group, gi, i)
-            work.append(Work(w, st, group, *resolve(w, group, self._inner)))
+            st = self._open_episode(w, group, gi, i)
+            if not init_only:
+                self._fold_left_grad(w, st)
+            impl, kernels = resolve(w, group, self._inner)
+            if impl == "fused" and capture.status(st) != capture.EMPTY:
+                impl = "triton"  # the fused kernel gathers from a dense gradient; this one is compact
+            work.append(Work(w, st, group, impl, kernels))
         fused = [item for item in work if item.impl == "fused"]
         unfused = [item for item in work if item.impl != "fused"]
-        if not init_only and grouped.takes(fused, unfused, dense):
+        # captured (or clip_grad_norm_-gathered) gradients are compact: the grouped kernels read dense ones
+        compact = any(capture.status(item.st) != capture.EMPTY for item in work)
+        if not init_only and not compact and grouped.takes(fused, unfused, dense):
             if grouped.step(self, fused, unfused, dense, sync):
                 self._count_step(sparse, work)
             return loss
-        gather_grads(unfused)
+        gather_grads([item for item in unfused if capture.status(item.st) == capture.EMPTY])
+        for item in unfused:  # (SCALED: clip_grad_norm_ already set the residual's gradient)
+            if capture.status(item.st) == capture.SUMMED:
+                item.st["residual"].grad = capture.scale(item.st, 1.0 - item.group["p"])
         finite = init_only or not self._skip_nonfinite or all_finite(unfused, fused, dense)
         init_only, finite = sharding.agree(sync, init_only, finite)
         if init_only:
             initialize_inner(self._inner, self._state, work, dense, self._unstepped)
             return loss
+        for item in work:  # step() consumes the captured / gathered support gradients
+            item.st.pop(capture.GRAD_STATUS, None)
         if not finite:
             for item in unfused:
                 item.st["residual"].grad = None
@@ -330,6 +369,118 @@ class GMixoutOptimizer(Optimizer):
             item.st["episode"] += 1
             item.st["episode_step"] = 0
             self._start_episode(w, item.st, group, gi, i)
+
+    def _collect(self) -> tuple[list, list]:
+        """``collect``, plus the GMixout tensors whose gradient is captured or already gathered."""
+        sparse, dense = collect(self.param_groups)
+        seen = {w for w, *_ in sparse}
+        for gi, group in enumerate(self.param_groups):
+            if group["gmixout"]:
+                for i, w in enumerate(group["params"]):
+                    st = self._state.get(w)
+                    if w not in seen and st and capture.status(st) != capture.EMPTY:
+                        sparse.append((w, group, gi, i))
+        return sparse, dense
+
+    def _open_episode(self, w: torch.Tensor, group: dict, gi: int, i: int) -> dict:
+        """``w``'s state with its counters and running episode (support drawn) in place."""
+        st = self._state[w]
+        if "episode" not in st:
+            st.update(episode=0, episode_step=0)
+        if "support" not in st:
+            self._start_episode(w, st, group, gi, i)
+        return st
+
+    # -- gradient capture (see gmixout_optim.capture) --------------------------------------
+
+    @torch.no_grad()
+    def _capture(self, w: torch.Tensor) -> None:
+        """The post-accumulate-grad hook: ``grad[S]`` into the compact buffer, dense gradient freed."""
+        if w.grad is None:
+            return
+        where = self._capture_index.get(w)
+        if where is None or not self._is_at(w, *where):
+            self._capture_index = {p: (gi, i) for gi, g in enumerate(self.param_groups) if g["gmixout"]
+                                   for i, p in enumerate(g["params"])}
+            where = self._capture_index.get(w)
+            if where is None:  # no longer in a GMixout group: leave its gradient to autograd
+                return
+        gi, i = where
+        st = self._open_episode(w, self.param_groups[gi], gi, i)
+        capture.add(st, w)
+        w.grad = None
+
+    def _is_at(self, w: torch.Tensor, gi: int, i: int) -> bool:
+        groups = self.param_groups
+        return gi < len(groups) and groups[gi]["gmixout"] and i < len(groups[gi]["params"]) \
+            and groups[gi]["params"][i] is w
+
+    def _fold_left_grad(self, w: torch.Tensor, st: dict) -> None:
+        """A ``param.grad`` on a captured tensor (written outside backward): warn, and use it as
+        autograd would have: added to what was captured (alone, it is gathered as without capture)."""
+        if not self._capture_grads or w.grad is None:
+            return
+        warnings.warn("GMixoutOptimizer(capture_grads=True) found a param.grad on a captured tensor (written "
+                      "outside backward?); it is used as if backward had accumulated it", UserWarning, stacklevel=3)
+        if capture.status(st) != capture.EMPTY:
+            capture.add(st, w)
+            w.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad``, and empty the captured / already gathered support gradients."""
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            if group["gmixout"]:
+                for w in group["params"]:
+                    st = self._state.get(w)
+                    if st:
+                        capture.clear(st)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """Clip the gradients this optimizer steps with by their total norm; returns that norm.
+
+        Those gradients are, for a GMixout tensor, its residual's gradient ``grad[S] / keep``
+        (captured, or gathered now), and for a dense parameter its ``.grad``; they are scaled
+        by ``min(1, max_norm / (norm + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` does.
+        (``torch.nn.utils.clip_grad_norm_`` over the model measures the dense weight
+        gradients instead, and does not see captured ones.) Call it after the last backward
+        and before ``step()``. Sharded tensors (FSDP2): the norm covers every shard (one
+        all-reduce over the shard group).
+        """
+        max_norm = float(max_norm)
+        norm_type = float(norm_type)
+        if not max_norm >= 0.0:
+            raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
+        if not norm_type > 0.0:
+            raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
+        sparse, dense = self._collect()
+        grads = []
+        for w, group, gi, i in sparse:
+            st = self._open_episode(w, group, gi, i)
+            self._fold_left_grad(w, st)
+            keep = 1.0 - group["p"]
+            residual = st["residual"]
+            if capture.status(st) == capture.SUMMED:
+                residual.grad = capture.scale(st, keep)
+            elif capture.status(st) == capture.EMPTY:
+                residual.grad = torch.empty_like(residual)
+                kernels_for(sharding.local(w)).gather_grad(sharding.flat_grad(w), positions(w, st),
+                                                            st[SUPPORT_SIZE], keep, residual.grad)
+                st[capture.GRAD_STATUS] = capture.SCALED
+                if self._capture_grads:  # a left-over gradient, now held compactly like a captured one
+                    w.grad = None
+            grads.append(residual.grad[: st[SUPPORT_SIZE]])
+        grads += [sharding.local(w.grad) for w in dense]
+        sync = sharding.sync_group(self._sync_group, self.param_groups)
+        total = capture.total_norm(grads, norm_type, sync, foreach)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total})")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+        return total
 
     def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
         self._check_layout(w, gi, i)  # again: a weight may be swapped after construction (w.data = ...)

@@ -11,6 +11,8 @@
   ``support_size``, the number of used slots ``n`` (an int, derived from ``support`` on load,
   never saved); for a weight not in row-major memory order (channels_last, transposed)
   ``support_positions``, where the support sits in memory (derived, never saved).
+- with ``capture_grads``: ``grad``, the compact gradient buffer (fp32, length ``capacity``,
+  never saved; what its slots hold: :mod:`gmixout_optim.capture`), and ``grad_status``.
 
 The inner optimizer's state of the residual is ``opt.state[st["residual"]]``; its entries
 that are 1-D of length ``capacity`` follow the support (:func:`per_element_keys`).
@@ -24,13 +26,15 @@ import torch
 from .kernels import support_capacity
 from .sharding import flat, local, memory_positions
 
-__all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "capacity", "per_element_keys", "ensure_buffers",
-           "drop_compact", "support_indices", "positions", "anchor"]
+__all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "GRAD", "capacity", "per_element_keys", "ensure_buffers",
+           "ensure_grad_buffer", "drop_compact", "support_indices", "positions", "anchor"]
 
 # A GMixout tensor's per-episode buffers; consolidate()/finalize() drop them.
 COMPACT_KEYS = ("support", "residual", "anchor")
 SUPPORT_SIZE = "support_size"
 POSITIONS = "support_positions"
+# The captured gradient (capture_grads) and its status: transient, like param.grad, never saved.
+GRAD, GRAD_STATUS = "grad", "grad_status"
 
 
 def capacity(numel: int, keep: float) -> int:
@@ -69,11 +73,21 @@ def ensure_buffers(state: dict, w: torch.Tensor, st: dict, length: int) -> None:
         st["anchor"] = torch.zeros(length, dtype=w.dtype, device=w.device)
 
 
+def ensure_grad_buffer(w: torch.Tensor, st: dict) -> torch.Tensor:
+    """The compact gradient buffer of a captured tensor (``capture_grads``): fp32, as long as
+    the residual (it becomes the residual's gradient at the step: no second buffer)."""
+    length = st["residual"].numel()
+    buf = st.get(GRAD)
+    if buf is None or buf.numel() != length:
+        buf = st[GRAD] = torch.zeros(length, dtype=torch.float32, device=st["residual"].device)
+    return buf
+
+
 def drop_compact(state: dict, st: dict) -> None:
     """Forget the episode's buffers and the inner state of its residual (counters stay)."""
     if "residual" in st:
         state.pop(st["residual"], None)
-    for key in COMPACT_KEYS + (SUPPORT_SIZE, POSITIONS):
+    for key in COMPACT_KEYS + (SUPPORT_SIZE, POSITIONS, GRAD, GRAD_STATUS):
         st.pop(key, None)
 
 

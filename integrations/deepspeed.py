@@ -79,6 +79,11 @@ class DeepSpeedGMixout(GMixoutOptimizer):
     """
 
     def __init__(self, params: Any, inner: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("capture_grads"):
+            raise ValueError(
+                "capture_grads=True is not supported under DeepSpeed: DeepSpeed owns the gradient buffers (it "
+                "reduces and partitions the gradients itself and hands the optimizer flat partitions that "
+                "autograd never fills), so there is no backward hook to capture from; use capture_grads=False")
         _check_building_engine_config()
         super().__init__(params, inner, **kwargs)
         install_locator(self)

@@ -38,7 +38,7 @@ def test_numpy_scalars_are_numbers_everywhere():
 
 def test_every_table_entry_has_a_check_that_can_fail():
     bad = {"gmixout": 1, "p": 1.0, "ema_decay": 1.5, "resample_every": 0, "merge": "mean",
-           "state_policy": "keep", "seed": -1, "skip_nonfinite": "yes"}
+           "state_policy": "keep", "seed": -1, "skip_nonfinite": "yes", "capture_grads": 1}
     assert set(bad) == set(hparams.HPARAMS)
     for name, value in bad.items():
         with pytest.raises(ValueError, match=name):
