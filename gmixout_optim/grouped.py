@@ -28,7 +28,7 @@ the inner optimizer steps anything (dense parameters, unfused lanes: it cannot h
 flag). Sharded ranks (``set_sync_group``) all-reduce the flag where ``sharding.agree`` votes,
 without reading it (or read it when that is another device).
 
-At an episode's end, :func:`redraw` ends a lane whose tensors all end together: one merge, one
+At an episode's end, :func:`.grouped_redraw.redraw` ends a lane whose tensors all end together: one merge, one
 grouped draw (supports bit for bit the per-tensor draw's), one remap of the inner state, and one
 host sync (the sizes: the capacity check and the host's ``support_size``).
 
@@ -49,17 +49,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .episode import merge_coefficient
-from .kernels import (RemapPlan, SupportPlan, TensorGroup, draw_support_grouped, fused_adamw_step_grouped,
-                      gather_grad_grouped, merge_episode_grouped, read_anchor_grouped, remap_state_grouped,
+from .kernels import (RemapPlan, SupportPlan, TensorGroup, fused_adamw_step_grouped, gather_grad_grouped,
                       write_weights_grouped)
 from .kernels._dispatch import note
 from .kernels._table import upload
 from .sharding import agree, agrees_alone, flat, flat_grad, local, vote_device
-from .state import SUPPORT_SIZE, anchor, capacity, per_element_keys
+from .state import SUPPORT_SIZE, anchor
 from .step import Work, adam_hyperparameters, adam_state, clear_unstepped, inner_step
 
-__all__ = ["set_enabled", "is_enabled", "takes", "step", "redraw", "settle", "CACHE_ATTR"]
+__all__ = ["set_enabled", "is_enabled", "takes", "step", "settle", "CACHE_ATTR", "Lane", "lane_key"]
 
 _enabled = True
 # The optimizer attribute holding its cache (see _cache); a copy of the optimizer leaves it out.
@@ -85,7 +83,7 @@ class _Pending(NamedTuple):
     counted: list  # (w, st, episode) of each tensor whose episode_step the step advanced
 
 
-class _Lane:
+class Lane:
     """The cached tables of one lane (see the module docstring)."""
 
     def __init__(self, items: list[Work], key: tuple, device: torch.device):
@@ -129,10 +127,10 @@ class _Lane:
 
 class _Cache:
     def __init__(self) -> None:
-        self.lanes: dict[tuple, _Lane] = {}
+        self.lanes: dict[tuple, Lane] = {}
         self.flags: dict = {}  # the non-finite flag (and a constant 1) per device
         self.pending: list[_Pending] = []
-        self.stepped: list[tuple[_Lane, list[Work]]] | None = None  # the lanes of the step being counted
+        self.stepped: list[tuple[Lane, list[Work]]] | None = None  # the lanes of the step being counted
 
 
 def _cache(opt) -> _Cache:
@@ -157,21 +155,21 @@ def takes(fused: list[Work], unfused: list[Work], dense: list[torch.Tensor]) -> 
             and all(local(w.grad).device == device for w in dense))
 
 
-def _lanes(cache: _Cache, fused: list[Work], device: torch.device) -> list[tuple[_Lane, list[Work]]]:
+def _lanes(cache: _Cache, fused: list[Work], device: torch.device) -> list[tuple[Lane, list[Work]]]:
     by_lane: dict[tuple, list[Work]] = {}
     for item in fused:
         lane_id = (id(item.group), item.impl, item.w.dtype, item.w.grad.dtype, item.st["support"].dtype)
         by_lane.setdefault(lane_id, []).append(item)
     lanes = {}
     for lane_id, items in by_lane.items():
-        key = _key(items)
+        key = lane_key(items)
         lane = cache.lanes.get(lane_id)
-        lanes[lane_id] = lane if lane is not None and lane.key == key else _Lane(items, key, device)
+        lanes[lane_id] = lane if lane is not None and lane.key == key else Lane(items, key, device)
     cache.lanes = lanes  # lanes not stepped now are dropped (and their tensors released)
     return [(lanes[lane_id], items) for lane_id, items in by_lane.items()]
 
 
-def _key(items: list[Work]) -> tuple:
+def lane_key(items: list[Work]) -> tuple:
     """What a lane's tables depend on: each weight's and support's identity, address and size."""
     return tuple((id(it.w), local(it.w).data_ptr(), local(it.w).numel(), id(it.st["support"]),
                   it.st["support"].data_ptr(), it.st["support"].numel(), it.st[SUPPORT_SIZE], it.group["p"])
@@ -330,78 +328,4 @@ def step(opt, fused: list[Work], unfused: list[Work], dense: list[torch.Tensor],
         else:
             _defer(cache, found_inf, fused)
     cache.stepped = lanes
-    return True
-
-
-def redraw(opt, ending: list[tuple]) -> list[tuple]:
-    """End the episodes of ``ending`` (``(w, group, gi, i, work)`` of each tensor whose episode
-    ended at this step) where a whole lane of the grouped step just taken ends together: one
-    merge launch, one draw (two launches and a scan), one remap launch (and a foreach copy back
-    into the state's buffers) and one host sync (the sizes, for the capacity check and the
-    host's ``support_size``) per lane. Returns the tensors left to the per-tensor redraw
-    (``episode.merge`` / ``episode.start``)."""
-    cache = vars(opt).get(CACHE_ATTR)
-    stepped, rest = (cache.stepped if cache is not None else None), list(ending)
-    if cache is not None:
-        cache.stepped = None
-    if not _enabled or not stepped or not ending:
-        return rest
-    by_st = {id(entry[4].st): entry for entry in ending}
-    for lane, items in stepped:
-        if all(id(item.st) in by_st for item in items) and _redraw_lane(opt, lane, items):
-            done = {id(item.st) for item in items}
-            rest = [entry for entry in rest if id(entry[4].st) not in done]
-    return rest
-
-
-def _redraw_lane(opt, lane: _Lane, items: list[Work]) -> bool:
-    state, policy, group = opt.state, opt.state_policy, lane.group
-    inner_states = [state.get(item.st["residual"], {}) for item in items]
-    caps = group.capacities
-    keys = [per_element_keys(s, cap) for s, cap in zip(inner_states, caps)]
-    if any(k != keys[0] or set(s) != set(inner_states[0]) for k, s in zip(keys, inner_states)) or any(
-            s[k].dtype != torch.float32 for s in inner_states for k in keys[0]):
-        return False  # inner states of different layouts: the per-tensor rules apply
-    keys = keys[0]
-    if any(capacity(local(item.w).numel(), keep) != cap for item, keep, cap in zip(items, group.keeps, caps)):
-        return False  # p was changed (or the buffers grew): the per-tensor path sizes the buffers anew
-    if lane.plans is None:
-        plan = SupportPlan([(item.st["segments"], item.st["support"].numel()) for item in items], group.keeps,
-                           group.device, index_dtype=group.index_dtype)
-        lane.plans = plan, RemapPlan(plan.capacities, group.device)
-    plan, remap_plan = lane.plans
-    episodes = [item.st["episode"] + 1 for item in items]
-    flat, n = draw_support_grouped(plan, opt.seed, episodes)
-    note("sync", "redraw")
-    sizes = n.tolist()  # the one sync of a redraw: the capacity check and the host's sizes
-    if any(m > cap for m, cap in zip(sizes, plan.capacities)):
-        return False  # ~1e-9 a draw: the per-tensor path grows the buffers (and says so)
-    residuals = [item.st["residual"] for item in items]
-    anchors = [item.st["anchor"] for item in items]  # stored: the step just taken made sure
-    merge_episode_grouped(group, residuals, anchors,
-                          [merge_coefficient(item.group, opt.merge_rule) for item in items])
-    if not inner_states[0]:
-        pass  # nothing to carry (the per-tensor path's rule too)
-    elif policy == "remap":
-        old = torch.cat(group.supports)
-        # the kernel reads and writes distinct buffers; the state keeps its own (born in
-        # state.py / by the inner optimizer), so it is remapped into scratch and copied back
-        current = [[s[k] for s in inner_states] for k in keys]
-        moved = [[torch.empty_like(v) for v in values] for values in current]
-        remap_state_grouped(remap_plan, old, group.n, flat, n, current, moved)
-        note("launch", "remap_state")
-        torch._foreach_copy_([v for values in current for v in values], [v for values in moved for v in values])
-    elif policy == "carry":
-        torch._foreach_zero_([s[k][m:] for s, m in zip(inner_states, sizes) for k in keys])
-    else:  # reset
-        for s in inner_states:
-            s.clear()
-    supports = plan.split(flat)
-    for item, support, m in zip(items, supports, sizes):
-        item.st.update(support=support, episode=item.st["episode"] + 1, episode_step=0)
-        item.st[SUPPORT_SIZE] = m
-    torch._foreach_zero_(residuals)
-    lane.group = TensorGroup(group.params, supports, group.keeps, n)
-    lane.key = _key(items)
-    read_anchor_grouped(lane.group, anchors)  # W = A on the new support: A[S] stored exactly
     return True

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import capture, checkpoint, episode, grouped, hparams, sharding
+from . import capture, checkpoint, episode, grouped, grouped_redraw, hparams, sharding
 from .inner import inner_from
 from .kernels import Segment
 from .state import SUPPORT_SIZE, drop_compact, positions
@@ -364,7 +364,7 @@ class GMixoutOptimizer(Optimizer):
             item.st["episode_step"] += 1
             if item.st["episode_step"] >= group["resample_every"]:
                 ending.append((w, group, gi, i, item))
-        for w, group, gi, i, item in grouped.redraw(self, ending):  # those it did not redraw grouped
+        for w, group, gi, i, item in grouped_redraw.redraw(self, ending):  # those it did not redraw grouped
             episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
             item.st["episode"] += 1
             item.st["episode_step"] = 0
