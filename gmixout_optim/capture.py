@@ -32,11 +32,15 @@ from typing import Any
 
 import torch
 
-from .sharding import agrees_alone, flat_grad, is_dtensor, local
+from .episode import open_episode
+from .sharding import agrees_alone, flat_grad, is_dtensor, local, sync_group
 from .state import GRAD, GRAD_STATUS, SUPPORT_SIZE, ensure_grad_buffer, positions
+from .step import collect as collect_grads
+from .step import kernels_for
 
-__all__ = ["EMPTY", "SUMMED", "SCALED", "check_tensor", "check_world", "install_hook", "install_dense_hook", "add",
-           "scale", "clear", "status", "total_norm"]
+__all__ = ["EMPTY", "SUMMED", "SCALED", "check_tensor", "check_world", "check_group", "install_hook",
+           "install_dense_hook", "install_hooks", "on_grad", "add", "scale", "clear", "status", "total_norm", "collect",
+           "fold_left_grad", "clear_all", "clip_grad_norm"]
 
 # st[GRAD_STATUS]: what the gradient of the residual holds this step (absent: EMPTY).
 EMPTY, SUMMED, SCALED = 0, 1, 2
@@ -69,6 +73,14 @@ def check_world(w: torch.Tensor, where: str) -> None:
         "keep a dense gradient anyway, so use capture_grads=False with DDP, or shard with FSDP2")
 
 
+def check_group(opt: Any, group: dict, where: str) -> None:
+    """Before ``opt`` adds ``group`` (its ``params`` a list): every GMixout tensor can be captured."""
+    if group["gmixout"] and opt._capture_grads:
+        for i, prm in enumerate(group["params"]):
+            check_tensor(prm, f"{where}, index {i}")
+            check_world(prm, f"{where}, index {i}")
+
+
 _OWNER = "_gmixout_capture_owner"  # on a captured tensor: a weak reference to the optimizer capturing it
 
 
@@ -79,14 +91,14 @@ def install_hook(opt: Any, w: torch.Tensor, where: str) -> Any:
     old = getattr(w, _OWNER, None)
     if old is not None and old() is not None and old() is not opt:
         warnings.warn(f"the parameter{where} was captured by another live GMixoutOptimizer(capture_grads=True); "
-                      "this one takes its gradients from now on", UserWarning, stacklevel=4)
+                      "this one takes its gradients from now on", UserWarning, stacklevel=5)
     ref = weakref.ref(opt)
     setattr(w, _OWNER, ref)
 
     def hook(param: torch.Tensor) -> None:
         owner = ref()
         if owner is not None and getattr(param, _OWNER, None) is ref:
-            owner._capture(param)
+            on_grad(owner, param)
 
     return w.register_post_accumulate_grad_hook(hook)
 
@@ -105,6 +117,42 @@ def install_dense_hook(w: torch.Tensor) -> Any:
                 param.grad = grad.clone()
 
     return w.register_post_accumulate_grad_hook(hook)
+
+
+def install_hooks(opt: Any, group: dict, where: str) -> None:
+    """After ``opt`` added ``group``: the capture hooks of its GMixout tensors, or the dense hooks
+    of its FSDP2 shards (:func:`install_dense_hook`), each tensor's once."""
+    if group["gmixout"] and opt._capture_grads:
+        for i, prm in enumerate(group["params"]):
+            if prm not in opt._capture_hooks:
+                opt._capture_hooks[prm] = install_hook(opt, prm, f"{where}, index {i}")
+    elif opt._capture_grads:
+        for prm in group["params"]:
+            if is_dtensor(prm) and prm.requires_grad and prm not in opt._capture_hooks:
+                opt._capture_hooks[prm] = install_dense_hook(prm)
+
+
+@torch.no_grad()
+def on_grad(opt: Any, w: torch.Tensor) -> None:
+    """The post-accumulate-grad hook: ``grad[S]`` into the compact buffer, dense gradient freed."""
+    if w.grad is None:
+        return
+    where = opt._capture_index.get(w)
+    if where is None or not _is_at(opt.param_groups, w, *where):
+        opt._capture_index = {p: (gi, i) for gi, g in enumerate(opt.param_groups) if g["gmixout"]
+                              for i, p in enumerate(g["params"])}
+        where = opt._capture_index.get(w)
+        if where is None:  # no longer in a GMixout group: leave its gradient to autograd
+            return
+    gi, i = where
+    st = open_episode(opt, w, opt.param_groups[gi], gi, i)
+    add(st, w)
+    w.grad = None
+
+
+def _is_at(groups: list[dict], w: torch.Tensor, gi: int, i: int) -> bool:
+    return gi < len(groups) and groups[gi]["gmixout"] and i < len(groups[gi]["params"]) \
+        and groups[gi]["params"][i] is w
 
 
 @torch.no_grad()
@@ -167,3 +215,77 @@ def total_norm(grads: list[torch.Tensor], norm_type: float, sync: Any, foreach: 
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=sync)
         out = out ** (1.0 / norm_type)
     return out.to(total.device)
+
+
+# -- the optimizer's side: collect, fold, zero, clip -----------------------------------------
+
+def collect(opt: Any) -> tuple[list, list]:
+    """``step.collect``, plus the GMixout tensors whose gradient is captured or already gathered."""
+    sparse, dense = collect_grads(opt.param_groups)
+    seen = {w for w, *_ in sparse}
+    for gi, group in enumerate(opt.param_groups):
+        if group["gmixout"]:
+            for i, w in enumerate(group["params"]):
+                st = opt._state.get(w)
+                if w not in seen and st and status(st) != EMPTY:
+                    sparse.append((w, group, gi, i))
+    return sparse, dense
+
+
+def fold_left_grad(opt: Any, w: torch.Tensor, st: dict, stacklevel: int) -> None:
+    """A ``param.grad`` on a captured tensor (written outside backward): warn, and use it as
+    autograd would have: added to what was captured (alone, it is gathered as without capture)."""
+    if not opt._capture_grads or w.grad is None:
+        return
+    warnings.warn("GMixoutOptimizer(capture_grads=True) found a param.grad on a captured tensor (written "
+                  "outside backward?); it is used as if backward had accumulated it", UserWarning,
+                  stacklevel=stacklevel)
+    if status(st) != EMPTY:
+        add(st, w)
+        w.grad = None
+
+
+def clear_all(opt: Any) -> None:
+    """``zero_grad``'s part: no captured / already gathered support gradient left."""
+    for group in opt.param_groups:
+        if group["gmixout"]:
+            for w in group["params"]:
+                st = opt._state.get(w)
+                if st:
+                    clear(st)
+
+
+def clip_grad_norm(opt: Any, max_norm: float, norm_type: float, error_if_nonfinite: bool,
+                   foreach: bool | None) -> torch.Tensor:
+    """``GMixoutOptimizer.clip_grad_norm_`` (see there); called under ``torch.no_grad``."""
+    max_norm = float(max_norm)
+    norm_type = float(norm_type)
+    if not max_norm >= 0.0:
+        raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
+    if not norm_type > 0.0:
+        raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
+    sparse, dense = collect(opt)
+    grads = []
+    for w, group, gi, i in sparse:
+        st = open_episode(opt, w, group, gi, i)
+        fold_left_grad(opt, w, st, stacklevel=4)  # the caller's frame, through the method
+        keep = 1.0 - group["p"]
+        residual = st["residual"]
+        if status(st) == SUMMED:
+            residual.grad = scale(st, keep)
+        elif status(st) == EMPTY:
+            residual.grad = torch.empty_like(residual)
+            kernels_for(local(w)).gather_grad(flat_grad(w), positions(w, st), st[SUPPORT_SIZE], keep, residual.grad)
+            st[GRAD_STATUS] = SCALED
+            if opt._capture_grads:  # a left-over gradient, now held compactly like a captured one
+                w.grad = None
+        grads.append(residual.grad[: st[SUPPORT_SIZE]])
+    grads += [local(w.grad) for w in dense]
+    sync = sync_group(opt._sync_group, opt.param_groups)
+    total = total_norm(grads, norm_type, sync, foreach)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total})")
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+    return total

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
-from . import hparams
+from . import grouped, hparams
 from .kernels import Segment
 from .sharding import is_dtensor, local, shard_mesh_dim
-from .state import COMPACT_KEYS, capacity, load_compact, per_element_keys
+from .state import COMPACT_KEYS, capacity, drop_compact, load_compact, per_element_keys
 
-__all__ = ["FORMAT", "READABLE_FORMATS", "CONFIG_KEY", "state_dict", "load_state_dict", "find_state_dict",
-           "restart_episodes_of"]
+__all__ = ["FORMAT", "READABLE_FORMATS", "CONFIG_KEY", "state_dict", "load_state_dict", "save", "load",
+           "find_state_dict", "restart_episodes_of", "restart_episodes", "copy_state", "restore_inner"]
 
 FORMAT = 3
 READABLE_FORMATS = (1, 2, 3)
@@ -130,7 +130,30 @@ def state_dict(opt, unstepped: set) -> dict[str, Any]:
     return {"state": state, "param_groups": packed_groups, "gmixout": block}
 
 
+def save(opt) -> dict[str, Any]:
+    """``GMixoutOptimizer.state_dict``'s work: :func:`state_dict` between torch's state-dict hooks."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    sd = state_dict(opt, opt._unstepped)
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        result = hook(opt, sd)
+        if result is not None:
+            sd = result
+    return sd
+
+
 # -- load ------------------------------------------------------------------------------------
+
+def load(opt, sd: dict[str, Any]) -> None:
+    """``GMixoutOptimizer.load_state_dict``'s work: :func:`load_state_dict` between torch's hooks."""
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, sd)
+        if result is not None:
+            sd = result
+    opt._unstepped = load_state_dict(opt, sd)
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
+
 
 def load_state_dict(opt, state_dict: dict[str, Any]) -> set:
     """Load a ``state_dict()`` of a readable format (possibly through DCP) into ``opt``; returns
@@ -279,3 +302,41 @@ def restart_episodes_of(state_dict: dict) -> dict[int, int]:
             raise ValueError(f"param group {g} holds tensors at different episodes: {sorted(seen)}")
         episodes[g] = next(iter(seen))[0] if seen else 0
     return episodes
+
+
+def restart_episodes(opt, episode_number: int, group_index: int | None) -> None:
+    """``GMixoutOptimizer.restart_episodes`` (see there) after its argument check."""
+    for gi, group in enumerate(opt.param_groups):
+        if group["gmixout"] and group_index in (None, gi):
+            for w in group["params"]:
+                opt._unstepped.discard(opt._state.get(w, {}).get("residual"))
+                drop_compact(opt._state, opt._state.get(w, {}))
+                opt._state[w] = {"episode": episode_number, "episode_step": 0}
+
+
+# -- copies (copy.deepcopy, pickle) -------------------------------------------------------------
+
+def copy_state(opt) -> dict:
+    """``GMixoutOptimizer.__getstate__`` (see there)."""
+    if opt._locator is not None:
+        raise TypeError("a GMixoutOptimizer with a locator (set by an engine integration: DeepSpeed, FSDP1) "
+                        "cannot be copied: the locator refers to the original tensors. Copy it before the "
+                        "engine takes it, or save and load its state_dict()")
+    grouped.settle(opt)  # the copy's cache starts empty (its tables point at our tensors)
+    state = dict(opt.__dict__)
+    state.pop(grouped.CACHE_ATTR, None)
+    # The inner optimizer travels as its class and attributes: its own __setstate__ would
+    # "upgrade" the state of every parameter it lists, which for a GMixout tensor is
+    # GMixout's entry, not the inner optimizer's.
+    state["_inner"] = (type(opt._inner), dict(opt._inner.__dict__))
+    return state
+
+
+def restore_inner(state: dict) -> dict:
+    """``state`` (a :func:`copy_state`) with its inner optimizer rebuilt, for ``Optimizer.__setstate__``."""
+    cls, attrs = state["_inner"]
+    inner = cls.__new__(cls)
+    inner.__dict__.update(attrs)
+    inner._patch_step_function()
+    state["_inner"] = inner
+    return state

@@ -1,7 +1,8 @@
 """Episodes of one GMixout tensor: draw a support, carry the inner state across it, merge.
 
 The math is in ``GMixoutOptimizer``'s docstring; these functions act on one tensor's
-per-tensor state ``st`` (see :mod:`gmixout_optim.state`) and the shared state mapping.
+per-tensor state ``st`` (see :mod:`gmixout_optim.state`) and the shared state mapping;
+:func:`open_episode` and :func:`start_episode` are the optimizer's entry (they locate the tensor).
 """
 from __future__ import annotations
 
@@ -9,12 +10,30 @@ import warnings
 
 import torch
 
-from .sharding import flat, local
+from .sharding import check_layout, flat, local
 from .state import (POSITIONS, SUPPORT_SIZE, anchor, capacity, drop_compact, ensure_buffers, per_element_keys,
                     positions)
 from .step import kernels_for
 
-__all__ = ["start", "remap_inner_state", "merge_coefficient", "merge", "close"]
+__all__ = ["open_episode", "start_episode", "start", "remap_inner_state", "merge_coefficient", "merge", "close"]
+
+
+def open_episode(opt, w: torch.Tensor, group: dict, gi: int, i: int) -> dict:
+    """``w``'s state with its counters and running episode (support drawn) in place."""
+    st = opt._state[w]
+    if "episode" not in st:
+        st.update(episode=0, episode_step=0)
+    if "support" not in st:
+        start_episode(opt, w, st, group, gi, i)
+    return st
+
+
+def start_episode(opt, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
+    """:func:`start` for parameter ``i`` of param group ``gi`` of ``opt``, located first."""
+    check_layout(w, gi, i)  # again: a weight may be swapped after construction (w.data = ...)
+    if "segments" not in st:
+        st["segments"] = opt.locate(w, gi, i)
+    start(opt._state, w, st, group, opt._seed, opt._state_policy)
 
 
 def start(state: dict, w: torch.Tensor, st: dict, group: dict, seed: int, policy: str) -> None:

@@ -1,27 +1,25 @@
 """GMixoutOptimizer: GMixout as a wrapper around any torch optimizer.
 
-This module holds the class (what it collects, decides and calls) and the public engine
-interface; the work is done by ``state`` (per-tensor buffers), ``episode`` (draw / merge /
-remap), ``step`` (the functional core and its resolver), ``sharding`` (where elements sit)
-and ``checkpoint`` (the saved format and its DCP view).
+This module holds the class (the math, its constructor, the public engine interface and the
+public methods); the work is done by ``optimizer_step`` (one ``step()``: collect, decide, call,
+count), ``state`` (per-tensor buffers), ``episode`` (draw / merge / remap), ``step`` (the
+functional core and its resolver), ``grouped`` / ``grouped_redraw`` (the grouped GPU step and
+redraw), ``capture`` (gradient capture, the clip norm), ``anchor_view`` (the weights outside
+``step()``), ``sharding`` (where elements sit) and ``checkpoint`` (the saved format, its DCP view,
+copies).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 
-from . import capture, checkpoint, episode, grouped, grouped_redraw, hparams, sharding
+from . import anchor_view, capture, checkpoint, grouped, hparams, optimizer_step, sharding
 from .inner import inner_from
 from .kernels import Segment
-from .state import SUPPORT_SIZE, drop_compact, positions
-from .step import (Work, all_finite, clear_unstepped, collect, gather_grads, gmixout_step, initialize_inner,
-                   kernels_for, resolve)
 
 __all__ = ["GMixoutOptimizer", "find_gmixout"]
 
@@ -219,29 +217,11 @@ class GMixoutOptimizer(Optimizer):
                 if not prm.is_floating_point():
                     raise ValueError(
                         f"GMixout trains real floating-point tensors; a parameter{where} has dtype {prm.dtype}")
-                self._check_layout(prm, gi, i)
+                sharding.check_layout(prm, gi, i)
         param_group["params"] = params
-        if param_group["gmixout"] and self._capture_grads:
-            for i, prm in enumerate(params):
-                capture.check_tensor(prm, f"{where}, index {i}")
-                capture.check_world(prm, f"{where}, index {i}")
+        capture.check_group(self, param_group, where)
         self._inner.add_param_group(param_group)
-        if param_group["gmixout"] and self._capture_grads:
-            for i, prm in enumerate(params):
-                if prm not in self._capture_hooks:
-                    self._capture_hooks[prm] = capture.install_hook(self, prm, f"{where}, index {i}")
-        elif self._capture_grads:
-            for prm in params:
-                if sharding.is_dtensor(prm) and prm.requires_grad and prm not in self._capture_hooks:
-                    self._capture_hooks[prm] = capture.install_dense_hook(prm)
-
-    @staticmethod
-    def _check_layout(w: torch.Tensor, gi: int, i: int) -> None:
-        try:
-            sharding.memory_order(sharding.local(w))
-        except ValueError as err:
-            raise ValueError(f"param group {gi}, parameter {i}: {err}; pass a dense copy, e.g. "
-                             "nn.Parameter(w.detach().contiguous())") from None
+        capture.install_hooks(self, param_group, where)
 
     # -- the public engine interface -------------------------------------------------------
 
@@ -289,14 +269,9 @@ class GMixoutOptimizer(Optimizer):
         size); the support of that episode is drawn at the next step."""
         if isinstance(episode_number, bool) or not isinstance(episode_number, int) or episode_number < 0:
             raise ValueError(f"episode must be an int >= 0 (the episode to start), got {episode_number!r}")
-        for gi, group in enumerate(self.param_groups):
-            if group["gmixout"] and group_index in (None, gi):
-                for w in group["params"]:
-                    self._unstepped.discard(self._state.get(w, {}).get("residual"))
-                    drop_compact(self._state, self._state.get(w, {}))
-                    self._state[w] = {"episode": episode_number, "episode_step": 0}
+        checkpoint.restart_episodes(self, episode_number, group_index)
 
-    # -- the step ----------------------------------------------------------------------
+    # -- the step (gmixout_optim.optimizer_step) -------------------------------------------
 
     # torch.compile cannot trace the step (data-dependent support sizes, per-tensor Python state:
     # its first compiled call went wrong): it runs eagerly, a compiled caller breaks its graph here.
@@ -304,137 +279,14 @@ class GMixoutOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one GMixout step (see the class docstring for the math); never compiled."""
-        self._refuse_in_anchor_view("step()")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        sparse, dense = self._collect()
-        sync = sharding.sync_group(self._sync_group, self.param_groups)
-        if not sparse and not dense and sharding.agrees_alone(sync):
-            return loss
-        fresh = [w for w, *_ in sparse if "episode" not in self._state.get(w, {})]
-        fresh += [w for w in dense if not self._state.get(w)]
-        init_only = len(fresh) == len(sparse) + len(dense) and all(not sharding.local(w.grad).any() for w in fresh)
-        work = []
-        for w, group, gi, i in sparse:
-            st = self._open_episode(w, group, gi, i)
-            if not init_only:
-                self._fold_left_grad(w, st)
-            impl, kernels = resolve(w, group, self._inner)
-            if impl == "fused" and capture.status(st) != capture.EMPTY:
-                impl = "triton"  # the fused kernel gathers from a dense gradient; this one is compact
-            work.append(Work(w, st, group, impl, kernels))
-        fused = [item for item in work if item.impl == "fused"]
-        unfused = [item for item in work if item.impl != "fused"]
-        # captured (or clip_grad_norm_-gathered) gradients are compact: the grouped kernels read dense ones
-        compact = any(capture.status(item.st) != capture.EMPTY for item in work)
-        if not init_only and not compact and grouped.takes(fused, unfused, dense):
-            if grouped.step(self, fused, unfused, dense, sync):
-                self._count_step(sparse, work)
-            return loss
-        gather_grads([item for item in unfused if capture.status(item.st) == capture.EMPTY])
-        for item in unfused:  # (SCALED: clip_grad_norm_ already set the residual's gradient)
-            if capture.status(item.st) == capture.SUMMED:
-                item.st["residual"].grad = capture.scale(item.st, 1.0 - item.group["p"])
-        finite = init_only or not self._skip_nonfinite or all_finite(unfused, fused, dense)
-        init_only, finite = sharding.agree(sync, init_only, finite)
-        if init_only:
-            initialize_inner(self._inner, self._state, work, dense, self._unstepped)
-            return loss
-        for item in work:  # step() consumes the captured / gathered support gradients
-            item.st.pop(capture.GRAD_STATUS, None)
-        if not finite:
-            for item in unfused:
-                item.st["residual"].grad = None
-            self.skipped_steps += 1
-            warnings.warn(f"GMixoutOptimizer: non-finite gradient, step skipped "
-                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
-            return loss
-        if self._unstepped:
-            clear_unstepped(self._state, self._unstepped, [item.st["residual"] for item in work] + dense)
-        gmixout_step(self._inner, self._state, unfused, fused, dense)
-        self._count_step(sparse, work)
-        return loss
+        return optimizer_step.step(self, closure)
 
-    def _count_step(self, sparse: list, work: list[Work]) -> None:
-        """Advance the episode counters of the tensors stepped; merge and redraw where one ends."""
-        ending = []
-        for (w, group, gi, i), item in zip(sparse, work):
-            item.st["episode_step"] += 1
-            if item.st["episode_step"] >= group["resample_every"]:
-                ending.append((w, group, gi, i, item))
-        for w, group, gi, i, item in grouped_redraw.redraw(self, ending):  # those it did not redraw grouped
-            episode.merge(w, item.st, group, episode.merge_coefficient(group, self._merge))
-            item.st["episode"] += 1
-            item.st["episode_step"] = 0
-            self._start_episode(w, item.st, group, gi, i)
-
-    def _collect(self) -> tuple[list, list]:
-        """``collect``, plus the GMixout tensors whose gradient is captured or already gathered."""
-        sparse, dense = collect(self.param_groups)
-        seen = {w for w, *_ in sparse}
-        for gi, group in enumerate(self.param_groups):
-            if group["gmixout"]:
-                for i, w in enumerate(group["params"]):
-                    st = self._state.get(w)
-                    if w not in seen and st and capture.status(st) != capture.EMPTY:
-                        sparse.append((w, group, gi, i))
-        return sparse, dense
-
-    def _open_episode(self, w: torch.Tensor, group: dict, gi: int, i: int) -> dict:
-        """``w``'s state with its counters and running episode (support drawn) in place."""
-        st = self._state[w]
-        if "episode" not in st:
-            st.update(episode=0, episode_step=0)
-        if "support" not in st:
-            self._start_episode(w, st, group, gi, i)
-        return st
-
-    # -- gradient capture (see gmixout_optim.capture) --------------------------------------
-
-    @torch.no_grad()
-    def _capture(self, w: torch.Tensor) -> None:
-        """The post-accumulate-grad hook: ``grad[S]`` into the compact buffer, dense gradient freed."""
-        if w.grad is None:
-            return
-        where = self._capture_index.get(w)
-        if where is None or not self._is_at(w, *where):
-            self._capture_index = {p: (gi, i) for gi, g in enumerate(self.param_groups) if g["gmixout"]
-                                   for i, p in enumerate(g["params"])}
-            where = self._capture_index.get(w)
-            if where is None:  # no longer in a GMixout group: leave its gradient to autograd
-                return
-        gi, i = where
-        st = self._open_episode(w, self.param_groups[gi], gi, i)
-        capture.add(st, w)
-        w.grad = None
-
-    def _is_at(self, w: torch.Tensor, gi: int, i: int) -> bool:
-        groups = self.param_groups
-        return gi < len(groups) and groups[gi]["gmixout"] and i < len(groups[gi]["params"]) \
-            and groups[gi]["params"][i] is w
-
-    def _fold_left_grad(self, w: torch.Tensor, st: dict) -> None:
-        """A ``param.grad`` on a captured tensor (written outside backward): warn, and use it as
-        autograd would have: added to what was captured (alone, it is gathered as without capture)."""
-        if not self._capture_grads or w.grad is None:
-            return
-        warnings.warn("GMixoutOptimizer(capture_grads=True) found a param.grad on a captured tensor (written "
-                      "outside backward?); it is used as if backward had accumulated it", UserWarning, stacklevel=3)
-        if capture.status(st) != capture.EMPTY:
-            capture.add(st, w)
-            w.grad = None
+    # -- gradient capture (gmixout_optim.capture) -------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``Optimizer.zero_grad``, and empty the captured / already gathered support gradients."""
         super().zero_grad(set_to_none)
-        for group in self.param_groups:
-            if group["gmixout"]:
-                for w in group["params"]:
-                    st = self._state.get(w)
-                    if st:
-                        capture.clear(st)
+        capture.clear_all(self)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -449,82 +301,28 @@ class GMixoutOptimizer(Optimizer):
         and before ``step()``. Sharded tensors (FSDP2): the norm covers every shard (one
         all-reduce over the shard group).
         """
-        max_norm = float(max_norm)
-        norm_type = float(norm_type)
-        if not max_norm >= 0.0:
-            raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
-        if not norm_type > 0.0:
-            raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
-        sparse, dense = self._collect()
-        grads = []
-        for w, group, gi, i in sparse:
-            st = self._open_episode(w, group, gi, i)
-            self._fold_left_grad(w, st)
-            keep = 1.0 - group["p"]
-            residual = st["residual"]
-            if capture.status(st) == capture.SUMMED:
-                residual.grad = capture.scale(st, keep)
-            elif capture.status(st) == capture.EMPTY:
-                residual.grad = torch.empty_like(residual)
-                kernels_for(sharding.local(w)).gather_grad(sharding.flat_grad(w), positions(w, st),
-                                                            st[SUPPORT_SIZE], keep, residual.grad)
-                st[capture.GRAD_STATUS] = capture.SCALED
-                if self._capture_grads:  # a left-over gradient, now held compactly like a captured one
-                    w.grad = None
-            grads.append(residual.grad[: st[SUPPORT_SIZE]])
-        grads += [sharding.local(w.grad) for w in dense]
-        sync = sharding.sync_group(self._sync_group, self.param_groups)
-        total = capture.total_norm(grads, norm_type, sync, foreach)
-        if error_if_nonfinite and not torch.isfinite(total):
-            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total})")
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.device))
-        return total
+        return capture.clip_grad_norm(self, max_norm, norm_type, error_if_nonfinite, foreach)
 
-    def _start_episode(self, w: torch.Tensor, st: dict, group: dict, gi: int, i: int) -> None:
-        self._check_layout(w, gi, i)  # again: a weight may be swapped after construction (w.data = ...)
-        if "segments" not in st:
-            st["segments"] = self.locate(w, gi, i)
-        episode.start(self._state, w, st, group, self._seed, self._state_policy)
+    # -- weights outside step() (gmixout_optim.anchor_view) ---------------------------------
 
-    def _running_episodes(self):
-        for group in self.param_groups:
-            if group["gmixout"]:
-                for w in group["params"]:
-                    st = self._state.get(w)
-                    if st and "support" in st:
-                        yield w, st, group
-
-    # -- weights outside step() --------------------------------------------------------
-
-    @torch.no_grad()
     def consolidate(self) -> None:
         """End every running episode now: merge, ``W = A``, and drop all compact state.
 
         The next step starts the next episode with a fresh support. What is left per
         tensor is two counters, so the checkpoint loads on any sharding/world size.
         """
-        self._refuse_in_anchor_view("consolidate()")
-        self._close_episodes(merge_running=True)
+        anchor_view.refuse(self, "consolidate()")
+        anchor_view.close_episodes(self, merge_running=True)
 
-    @torch.no_grad()
     def finalize(self, merge_running: bool = True) -> None:
         """Leave the parameters holding exactly the anchor: a plain dense model.
 
         ``merge_running=True`` merges the unfinished episode (a shortened last episode);
         ``False`` discards it, as the authors' code does.
         """
-        self._refuse_in_anchor_view("finalize()")
-        self._close_episodes(merge_running)
+        anchor_view.refuse(self, "finalize()")
+        anchor_view.close_episodes(self, merge_running)
 
-    def _close_episodes(self, merge_running: bool) -> None:
-        for w, st, group in list(self._running_episodes()):
-            self._unstepped.discard(st["residual"])
-            coeff = episode.merge_coefficient(group, self._merge) if merge_running else 0.0
-            episode.close(self._state, w, st, group, coeff)
-
-    @contextmanager
     def anchor_weights(self):
         """Within the block the parameters hold the anchor; the training weights come back bitwise.
 
@@ -532,83 +330,32 @@ class GMixoutOptimizer(Optimizer):
         ``consolidate()`` and ``finalize()`` raise RuntimeError inside the block: the
         parameters do not hold the training weights the running episode belongs to.
         """
-        self._refuse_in_anchor_view("anchor_weights()")
-        saved = []
-        with torch.no_grad():
-            for w, st, group in list(self._running_episodes()):
-                idx = positions(w, st)[: st["support_size"]].long()
-                saved.append((w, idx, sharding.flat(sharding.local(w))[idx].clone()))
-                episode.merge(w, st, group, 0.0)
-        self._in_anchor_view = True
-        try:
-            yield self
-        finally:
-            self._in_anchor_view = False
-            with torch.no_grad():
-                for w, idx, values in saved:
-                    sharding.flat(sharding.local(w)).index_copy_(0, idx, values)
+        return anchor_view.anchor_weights(self)
 
-    def _refuse_in_anchor_view(self, what: str) -> None:
-        if self._in_anchor_view:
-            raise RuntimeError(
-                f"GMixoutOptimizer.{what} inside `with opt.anchor_weights():`: the parameters hold the anchor "
-                "there, not the training weights of the running episode, so a step would be lost and a "
-                "checkpoint would not resume. Call it after the with-block (evaluate or save the model inside "
-                "it), or call finalize() to make the anchor the model")
-
-    # -- checkpoints -------------------------------------------------------------------
+    # -- checkpoints and copies (gmixout_optim.checkpoint) -----------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's layout (state keyed by position in ``param_groups``) plus a ``gmixout`` block;
         DTensor parameters' compact state as DTensors (see :mod:`gmixout_optim.checkpoint`)."""
-        self._refuse_in_anchor_view("state_dict()")
+        anchor_view.refuse(self, "state_dict()")
         grouped.settle(self)  # episode counters of grouped steps whose verdict is pending
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        state_dict = checkpoint.state_dict(self, self._unstepped)
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()`` (format 1, 2 or 3, directly or through DCP); tensors are
         copied, keeping their dtypes (indices stay integers)."""
-        self._refuse_in_anchor_view("load_state_dict()")
+        anchor_view.refuse(self, "load_state_dict()")
         grouped.settle(self)  # pending verdicts belong to the run being replaced, not the loaded one
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        self._unstepped = checkpoint.load_state_dict(self, state_dict)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        checkpoint.load(self, state_dict)
 
     def __getstate__(self) -> dict:
         """Copies (``copy.deepcopy``, ``pickle``) carry everything: the inner optimizer, the state,
         the counters, and step like the original. An optimizer with a locator (set by an engine
         integration) is refused: the locator refers to the engine's tensors, not the copy's."""
-        if self._locator is not None:
-            raise TypeError("a GMixoutOptimizer with a locator (set by an engine integration: DeepSpeed, FSDP1) "
-                            "cannot be copied: the locator refers to the original tensors. Copy it before the "
-                            "engine takes it, or save and load its state_dict()")
-        grouped.settle(self)  # the copy's cache starts empty (its tables point at our tensors)
-        state = dict(self.__dict__)
-        state.pop(grouped.CACHE_ATTR, None)
-        # The inner optimizer travels as its class and attributes: its own __setstate__ would
-        # "upgrade" the state of every parameter it lists, which for a GMixout tensor is
-        # GMixout's entry, not the inner optimizer's.
-        state["_inner"] = (type(self._inner), dict(self._inner.__dict__))
-        return state
+        return checkpoint.copy_state(self)
 
     def __setstate__(self, state: dict) -> None:
-        cls, attrs = state["_inner"]
-        inner = cls.__new__(cls)
-        inner.__dict__.update(attrs)
-        inner._patch_step_function()
-        state["_inner"] = inner
-        super().__setstate__(state)
+        super().__setstate__(checkpoint.restore_inner(state))
 
     def __repr__(self) -> str:
         return (f"GMixoutOptimizer(inner={type(self._inner).__name__}, p={self.defaults['p']}, "

@@ -22,7 +22,7 @@ import torch
 from .engine_internals import require_import
 from .kernels import Segment
 
-__all__ = ["is_dtensor", "local", "memory_order", "flat", "flat_grad", "memory_positions", "default_key", "shard_mesh_dim", "dtensor_segments", "default_segments",
+__all__ = ["is_dtensor", "local", "memory_order", "check_layout", "flat", "flat_grad", "memory_positions", "default_key", "shard_mesh_dim", "dtensor_segments", "default_segments",
            "check_segments", "shard_group", "sync_group", "agrees_alone", "agree", "vote_device", "SYNC_SETTINGS"]
 
 try:  # FSDP2 parameters are DTensors: the optimizer works on their local shards.
@@ -60,6 +60,15 @@ def memory_order(t: torch.Tensor) -> list[int] | None:
                          "memory densely (a view with gaps or overlaps), so it cannot be updated in place through "
                          "a flat view")
     return dims
+
+
+def check_layout(w: torch.Tensor, gi: int, i: int) -> None:
+    """:func:`memory_order` of parameter ``i`` of param group ``gi``, its ValueError saying what to pass."""
+    try:
+        memory_order(local(w))
+    except ValueError as err:
+        raise ValueError(f"param group {gi}, parameter {i}: {err}; pass a dense copy, e.g. "
+                         "nn.Parameter(w.detach().contiguous())") from None
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
