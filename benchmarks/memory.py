@@ -48,8 +48,22 @@ Sharded (``--fsdp2-ranks N``): the GMixout modes under FSDP2 on N gloo CPU ranks
 holds the whole model; batch 1 per rank); the row holds the largest per-rank peak, and the
 table compares it with the same mode in one process.
 
+DeepSpeed (``--deepspeed-ranks N``): ZeRO-3 with bf16 (configs/deepspeed/zero3_bf16.json: fp32
+master partitions, ``zero_force_ds_cpu_optimizer: false``) on N gloo CPU ranks of this machine
+(``DS_ACCELERATOR=cpu``, launched with torchrun), for two optimizers under the same config, only
+the "optimizer" block differing:
+  ds_zero3_gmixout  the registered ``{"type": "GMixout"}`` (``register()``), AdamW inner, p = 0.9,
+                    lr 1e-5, param groups from ``gmixout_param_groups``
+  ds_zero3_adamw    ``{"type": "AdamW", "params": {"torch_adam": true}}``: DeepSpeed builds
+                    ``torch.optim.AdamW`` (its own CPU/fused Adams are not used)
+Batch 1 per rank (``train_micro_batch_size_per_gpu`` 1, no accumulation); the model is built
+inside ``deepspeed.zero.Init`` in bf16, so no rank ever holds the whole model. The baseline
+RSS is taken after importing deepspeed and joining the gloo group. The rows hold the largest
+per-rank peak and every rank's figures; the table compares GMixout's with AdamW's. The comm op
+is loaded from ``TORCH_EXTENSIONS_DIR`` (default ``<venv>/torch_extensions``, as ``make`` sets).
+
 Run: python benchmarks/memory.py [--models vit_b16 vit_l16 vit_bigg14] [--modes ...] [--device cpu]
-     [--fsdp2-ranks 2]
+     [--fsdp2-ranks 2 | --deepspeed-ranks 2]
 Writes benchmarks/results/memory_cpu.json (CUDA: memory_<gpu name>.json) and prints the table.
 """
 from __future__ import annotations
@@ -74,6 +88,9 @@ MODE_SPEC = {  # parameter dtype, autocast, optimizer, capture_grads
     "gmixout_bf16": ("bfloat16", False, "gmixout", False),
     "gmixout_bf16_capture": ("bfloat16", False, "gmixout", True),
 }
+DS_MODES = ("ds_zero3_adamw", "ds_zero3_gmixout")  # --deepspeed-ranks: DeepSpeed ZeRO-3 bf16
+ALL_MODES = MODES + DS_MODES
+DS_CONFIG = "zero3_bf16.json"
 IMAGE_SIZE = 112
 P_MASK = 0.9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +176,50 @@ def predict_bytes(shape: dict, mode: str) -> dict:
     return parts
 
 
+def predict_ds_bytes(shape: dict, mode: str, ranks: int, cfg: dict) -> dict:
+    """Per-rank bytes of a ZeRO-3 bf16 step (a model, as predict_bytes): the rank's bf16
+    parameter partition, its fp32 master partition, its bf16 gradient partition and the fp32
+    gradient of the sub-group being stepped, the optimizer state of the master partition,
+    the reduce bucket (bf16, filled up to the model's size), the gathered bf16 weights of
+    the largest layer and the activations of one sample."""
+    n, ng, nd, big = shape["params"], shape["gmixout_elements"], shape["dense_elements"], shape["largest_gmixout_tensor"]
+    zero = cfg.get("zero_optimization", {})
+    per = lambda elements: int(elements / ranks)  # noqa: E731
+    parts = {"params_bf16": per(n) * 2, "master_fp32": per(n) * 4,
+             "grads": per(n) * 2 + min(per(n), int(zero.get("sub_group_size", 1e9))) * 4}
+    if mode == "ds_zero3_adamw":
+        parts["adamw_state"] = per(n) * 8
+        # torch AdamW's single-tensor math on a flat sub-group: a denominator as large as it
+        parts["temporaries"] = min(per(n), int(zero.get("sub_group_size", 1e9))) * 4
+    else:
+        parts["gmixout_state"] = int(per(ng) * (1.0 - P_MASK) * (4 + 4 + 8 + 4))
+        parts["dense_adamw_state"] = per(nd) * 8
+        parts["temporaries"] = big * 8 // ranks
+    parts["reduce_bucket"] = min(n, int(zero.get("reduce_bucket_size", 5e8))) * 2
+    parts["gathered_weights"] = big * 2 * 4
+    hidden = shape["width"] * 4.9 if shape["layers"] == 48 else shape["width"] * 4
+    parts["activations"] = int(shape["layers"] * shape["tokens"] * (shape["width"] * 12 + hidden * 3) * 2)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def ds_config(mode: str, ranks: int, resample_every: int) -> dict:
+    """configs/deepspeed/zero3_bf16.json at batch 1 per rank; the optimizer block by mode."""
+    with open(os.path.join(ROOT, "configs", "deepspeed", DS_CONFIG)) as f:
+        cfg = json.load(f)
+    cfg["train_micro_batch_size_per_gpu"] = 1
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = ranks
+    cfg["steps_per_print"] = 10**9
+    gm = cfg["optimizer"]["params"]
+    if mode == "ds_zero3_gmixout":
+        gm.update({"lr": 1e-5, "p": P_MASK, "resample_every": resample_every})
+    else:
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "torch_adam": True, "lr": 1e-5, "weight_decay": gm["weight_decay"], "betas": gm["betas"], "eps": gm["eps"]}}
+    return cfg
+
+
 # -- the child: one (model, mode) -----------------------------------------------------------
 
 def _status_kb(key: str) -> int:
@@ -196,8 +257,80 @@ def _init_sharded(model) -> None:
                 shard.fill_(1.0)
 
 
+def ds_child(model_name: str, mode: str, steps: int, resample_every: int, checkpointing: bool,
+             sharded_out: str) -> dict:
+    """One DeepSpeed ZeRO-3 bf16 rank (under torchrun): its peak RSS growth over the steps."""
+    import torch
+
+    torch_rss = _status_kb("VmRSS")
+    torch.set_num_threads(1)
+    if model_name == "vit_bigg14":
+        import open_clip  # noqa: F401
+    else:
+        import timm  # noqa: F401
+    import deepspeed
+    import torch.distributed as dist
+
+    from gmixout_optim import gmixout_param_groups
+    from gmixout_optim.integrations import deepspeed as gds
+
+    gds.register()
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    base_rss = _status_kb("VmRSS")
+    cfg = ds_config(mode, world, resample_every)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=cfg, dtype=torch.bfloat16):
+            model = build_model(model_name, checkpointing)
+    finally:
+        torch.set_default_dtype(old)
+    params = gmixout_param_groups(model) if mode == "ds_zero3_gmixout" else model.parameters()
+    if mode == "ds_zero3_gmixout":
+        gds.check_config(cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
+    build_s = time.perf_counter() - t0
+    after_init = _status_kb("VmHWM") - base_rss
+    engine.train()
+    torch.manual_seed(rank)
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bfloat16)
+    wall, cpu, losses = [], [], []
+    for _ in range(steps):
+        t_wall, t_cpu = time.perf_counter(), time.process_time()
+        loss = engine(x).float().square().mean()
+        engine.backward(loss)
+        engine.step()
+        wall.append(time.perf_counter() - t_wall)
+        cpu.append(time.process_time() - t_cpu)
+        losses.append(loss.item())
+    peak = _status_kb("VmHWM") - base_rss
+    boundary = [i for i in range(steps) if (i + 1) % resample_every == 0]
+    inside = [i for i in range(steps) if (i + 1) % resample_every != 0 and i > 0]
+    basic = engine.basic_optimizer
+    result = {"peak_bytes": peak, "imports_bytes": base_rss - torch_rss, "init_peak_bytes": after_init,
+              "step_cpu_s": cpu[-1], "step_wall_s": wall[-1],
+              "boundary_step_cpu_s": cpu[boundary[-1]] if boundary else None,
+              "inner_step_cpu_s": cpu[inside[-1]] if inside else None,
+              "steps_wall_s": wall, "steps_cpu_s": cpu, "build_s": build_s, "losses": losses,
+              "skipped_steps": getattr(basic, "skipped_steps", 0),
+              "engine_optimizer": type(engine.optimizer).__name__, "basic_optimizer": type(basic).__name__,
+              "deepspeed": deepspeed.__version__, "config": cfg,
+              "baseline": "VmRSS after import torch, timm/open_clip, deepspeed, gmixout_optim and joining gloo"}
+    with open(os.path.join(sharded_out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    engine.destroy()
+    dist.destroy_process_group()
+    return result
+
+
 def child(model_name: str, mode: str, device: str, steps: int, resample_every: int, checkpointing: bool,
           sharded_out: str | None = None) -> dict:
+    if mode in DS_MODES:
+        return ds_child(model_name, mode, steps, resample_every, checkpointing, sharded_out)
     import torch
 
     torch_rss = _status_kb("VmRSS")  # right after `import torch`
@@ -298,6 +431,10 @@ def run_child(args, model: str, mode: str, ranks: int = 0) -> dict:
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if mode in DS_MODES:  # DeepSpeed on CPU; its comm op built once into the venv (as make/tests do)
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        env.pop("TRITON_INTERPRET", None)
     launcher = [sys.executable]
     if ranks:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
@@ -319,7 +456,10 @@ def run_child(args, model: str, mode: str, ranks: int = 0) -> dict:
     if low:
         return {"status": f"aborted: machine MemAvailable fell below {args.abort_below_gb} GB"}
     if proc.returncode != 0:
-        return {"status": f"failed (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}"}
+        lines = err.strip().splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "error:" in ln]
+        return {"status": f"failed (exit {proc.returncode}): {(errors or lines or [''])[-1].strip()}",
+                "stderr_tail": "\n".join(lines[-30:])}
     if ranks:
         per_rank = []
         for r in range(ranks):
@@ -328,7 +468,9 @@ def run_child(args, model: str, mode: str, ranks: int = 0) -> dict:
             os.remove(os.path.join(tmp, f"rank{r}.json"))
         os.rmdir(tmp)
         top = max(per_rank, key=lambda x: x["peak_bytes"])
-        return {"status": "measured", **top, "ranks": ranks, "per_rank_peak_bytes": [x["peak_bytes"] for x in per_rank]}
+        extra = {"per_rank_init_peak_bytes": [x["init_peak_bytes"] for x in per_rank]} if mode in DS_MODES else {}
+        return {"status": "measured", **top, "ranks": ranks, "per_rank_peak_bytes": [x["peak_bytes"] for x in per_rank],
+                **extra}
     return {"status": "measured", **json.loads(out.strip().splitlines()[-1])}
 
 
@@ -341,11 +483,16 @@ def fmt_row(r: dict, base: dict | None) -> str:
     FSDP2 row the same mode in one process (ratio of peak memory per rank)."""
     pred = r["predicted"]["total"] / r["params"]
     ranks = r.get("ranks", 1)
-    mode = r["mode"] if ranks == 1 else f"{r['mode']}, FSDP2 {ranks} ranks (per rank)"
+    if r["mode"] in DS_MODES:
+        mode = f"{r['mode']}, DeepSpeed ZeRO-3 bf16 {ranks} ranks (per rank)"
+    else:
+        mode = r["mode"] if ranks == 1 else f"{r['mode']}, FSDP2 {ranks} ranks (per rank)"
     if "peak_bytes" not in r:
         return (f"| {r['model']} | {mode} | {pred:.1f} ({r['predicted']['total'] / 1e9:.1f} GB) | - | - | - | - "
                 f"| {r['status']} |")
-    if ranks > 1:
+    if r["mode"] in DS_MODES:
+        ratio = f"memory {r['peak_bytes'] / base['peak_bytes']:.2f}x ds_zero3_adamw" if base else "-"
+    elif ranks > 1:
         ratio = f"memory {r['peak_bytes'] / base['peak_bytes']:.2f}x one process" if base else "-"
     else:
         ratio = f"{_inner_cpu(r) / _inner_cpu(base):.2f}" if base else "-"
@@ -370,6 +517,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fsdp2-ranks", type=int, default=0,
                     help="also run the GMixout modes under FSDP2 on this many gloo CPU ranks (per-rank peak)")
+    ap.add_argument("--deepspeed-ranks", type=int, default=0,
+                    help="run DeepSpeed ZeRO-3 bf16 (configs/deepspeed/zero3_bf16.json) on this many gloo CPU "
+                    f"ranks, GMixout and AdamW under the same config ({', '.join(DS_MODES)}; --modes is ignored)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--sharded-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -377,6 +527,10 @@ def main() -> None:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     if args.resample_every < 1:
         raise SystemExit(f"--resample-every must be >= 1, got {args.resample_every}")
+    if args.deepspeed_ranks and args.fsdp2_ranks:
+        raise SystemExit("--deepspeed-ranks and --fsdp2-ranks are separate runs: give one of them")
+    if args.deepspeed_ranks and args.device != "cpu":
+        raise SystemExit("--deepspeed-ranks measures CPU ranks: use --device cpu")
     if args.child:
         model, mode = args.child
         print(json.dumps(child(model, mode, args.device, args.steps, args.resample_every, args.checkpointing,
@@ -393,13 +547,24 @@ def main() -> None:
     rows = []
     for model in args.models:
         shape = model_shape(model)
-        for mode in args.modes:
-            pred = predict_bytes(shape, mode)
-            row = {"model": model, "mode": mode, "params": shape["params"], "shape": shape, "predicted": pred,
-                   "param_dtype": MODE_SPEC[mode][0], "autocast_bf16": MODE_SPEC[mode][1],
+        for mode in (DS_MODES if args.deepspeed_ranks else args.modes):
+            if mode in DS_MODES:
+                cfg = ds_config(mode, args.deepspeed_ranks, args.resample_every)
+                # every rank on this machine: the budget check is of all ranks together
+                pred = {k: v * args.deepspeed_ranks for k, v in
+                        predict_ds_bytes(shape, mode, args.deepspeed_ranks, cfg).items()}
+                pred_rank = predict_ds_bytes(shape, mode, args.deepspeed_ranks, cfg)
+            else:
+                pred = pred_rank = predict_bytes(shape, mode)
+            row = {"model": model, "mode": mode, "params": shape["params"], "shape": shape, "predicted": pred_rank,
+                   "param_dtype": MODE_SPEC[mode][0] if mode in MODE_SPEC else "bfloat16",
+                   "autocast_bf16": MODE_SPEC[mode][1] if mode in MODE_SPEC else False,
                    "activation_checkpointing": args.checkpointing, "steps": args.steps,
-                   "resample_every": args.resample_every, "ranks": args.fsdp2_ranks or 1,
+                   "resample_every": args.resample_every, "ranks": args.deepspeed_ranks or args.fsdp2_ranks or 1,
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            if mode in DS_MODES:
+                row.update(engine="deepspeed", zero_stage=3, ds_config_file=f"configs/deepspeed/{DS_CONFIG}",
+                           predicted_all_ranks=pred["total"])
             if args.device == "cuda":
                 free = torch.cuda.mem_get_info()[0]
             else:
@@ -407,7 +572,7 @@ def main() -> None:
             budget = free - args.margin_gb * 1e9
             if args.max_gb is not None:
                 budget = min(budget, args.max_gb * 1e9)
-            if MODE_SPEC[mode][3] and not has_capture:
+            if mode in MODE_SPEC and MODE_SPEC[mode][3] and not has_capture:
                 row["status"] = "not available (GMixoutOptimizer has no capture_grads)"
             elif args.fsdp2_ranks and (MODE_SPEC[mode][2] != "gmixout" or args.device != "cpu"):
                 continue  # the sharded measurement is of GMixout on CPU ranks
@@ -418,7 +583,7 @@ def main() -> None:
             else:
                 print(f"[run] {model} {mode}: predicted {pred['total'] / 1e9:.2f} GB, free {free / 1e9:.1f} GB",
                       flush=True)
-                row.update(run_child(args, model, mode, args.fsdp2_ranks))
+                row.update(run_child(args, model, mode, args.deepspeed_ranks or args.fsdp2_ranks))
                 if row["status"] == "measured" and row["skipped_steps"]:
                     row["status"] = f"measured, but {row['skipped_steps']} step(s) skipped (non-finite)"
             print(f"[{row['status']}] {model} {mode}" + (
@@ -434,14 +599,17 @@ def main() -> None:
             old = json.load(f).get("rows", [])
         mine = {(r["model"], r["mode"], r.get("ranks", 1)) for r in rows}
         rows = [r for r in old if (r["model"], r["mode"], r.get("ranks", 1)) not in mine] + rows
-        rows.sort(key=lambda r: (MODELS.index(r["model"]), r.get("ranks", 1), MODES.index(r["mode"])))
+        rows.sort(key=lambda r: (MODELS.index(r["model"]), r.get("ranks", 1), ALL_MODES.index(r["mode"])))
 
     print(f"\n{what}; batch 1 at {IMAGE_SIZE} px; steps / resample_every per row in the JSON")
     print("| model | mode | predicted B/param | measured B/param | GB | step CPU s (in episode / merge+redraw) "
           "| in-episode CPU / adamw_amp | status |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r.get("ranks", 1) == 1:
+        if r["mode"] in DS_MODES:  # GMixout's per-rank peak against AdamW's under the same config
+            base = next((a for a in rows if a["model"] == r["model"] and a["mode"] == "ds_zero3_adamw"
+                         and a.get("ranks", 1) == r.get("ranks", 1) and "peak_bytes" in a), None)
+        elif r.get("ranks", 1) == 1:
             base = next((a for a in rows if a["model"] == r["model"] and a["mode"] == "adamw_amp"
                          and a.get("ranks", 1) == 1 and "peak_bytes" in a), None)
         else:  # a sharded row: its per-rank peak against the same mode in one process
