@@ -63,15 +63,17 @@ def _failure(proc) -> str:
     return "\n".join(errors[-40:]) + "\n--- stdout ---\n" + proc.stdout[-2000:] + "\n--- stderr ---\n" + proc.stderr[-4000:]
 
 
-def _launch(nproc: int, spec: dict, out: str) -> float:
+def _launch(nproc: int, spec: dict, out: str, worker: str = "ds_worker.py") -> float:
+    """Run tests/distributed/<worker> on ``nproc`` ranks with SPEC.json = ``spec`` in ``out``;
+    the seconds it took."""
     os.makedirs(out, exist_ok=True)
     spec_path = os.path.join(out, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(HERE, "distributed", "ds_worker.py"), spec_path, out]
+           os.path.join(HERE, "distributed", worker), spec_path, out]
     t0 = time.time()
-    proc = launch.run(cmd, env=_env(), cwd=out, timeout=600)
+    proc = launch.run(cmd, env=_env(), cwd=out, timeout=600)  # scaled for the machine's load
     if proc.returncode != 0:
         raise AssertionError(f"DeepSpeed worker failed ({nproc} ranks):\n{_failure(proc)}")
     return time.time() - t0

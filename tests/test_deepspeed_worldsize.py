@@ -12,51 +12,30 @@ the masters are what training continues from, the 16-bit model weights are their
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "distributed"))
 sys.path.insert(0, HERE)
 
 import ds_common as C  # noqa: E402
-import launch  # noqa: E402
-from test_deepspeed import _env, _failure, comm_op  # noqa: E402,F401  (comm_op is a fixture)
+from test_deepspeed import _launch, _record, comm_op  # noqa: E402,F401  (comm_op is a fixture)
 
 NAMES = ["z3_fp32", "z3_bf16"]
-
-
-def _launch(nproc: int, spec: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    spec_path = os.path.join(out, "spec.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(HERE, "distributed", "ds_worldsize_worker.py"), spec_path, out]
-    proc = launch.run(cmd, env=_env(), cwd=out, timeout=600)  # scaled for the machine's load
-    if proc.returncode != 0:
-        raise AssertionError(f"DeepSpeed worker failed ({nproc} ranks):\n{_failure(proc)}")
+WORKER = "ds_worldsize_worker.py"
 
 
 @pytest.fixture(scope="module")
 def runs(comm_op, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("dsws"))
     one, two = os.path.join(out, "w1"), os.path.join(out, "w2")
-    _launch(1, {"save": NAMES}, one)
-    _launch(2, {"save": NAMES, "load": {n: os.path.join(one, f"ckpt_{n}_w1") for n in NAMES}}, two)
-    _launch(1, {"load": {n: os.path.join(two, f"ckpt_{n}_w2") for n in NAMES}, "stage0_bf16": True}, one)
-    return {1: one, 2: two}
-
-
-def _record(runs, kind: str, name: str, world: int) -> tuple[dict, dict]:
-    base = os.path.join(runs[world], f"{kind}_{name}_w{world}")
-    with open(base + ".json") as f:
-        meta = json.load(f)
-    return torch.load(base + ".pt"), meta
+    _launch(1, {"save": NAMES}, one, WORKER)
+    _launch(2, {"save": NAMES, "load": {n: os.path.join(one, f"ckpt_{n}_w1") for n in NAMES}}, two, WORKER)
+    _launch(1, {"load": {n: os.path.join(two, f"ckpt_{n}_w2") for n in NAMES}, "stage0_bf16": True}, one, WORKER)
+    return {"w1": one, "w2": two}
 
 
 @pytest.mark.parametrize("saved_on, loaded_on", [(1, 2), (2, 1)])

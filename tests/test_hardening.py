@@ -6,7 +6,6 @@ gradients and the same arithmetic on the same element values (only the element o
 memory, the copy, or an extra no-op step differ), so any difference is a defect.
 """
 import copy
-import io
 import pickle
 import warnings
 
@@ -14,49 +13,7 @@ import pytest
 import torch
 
 from gmixout_optim import GMixoutOptimizer
-
-
-def make_params(shapes, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-
-
-def set_grads(params, t, seed=1000, scale=1.0):
-    g = torch.Generator().manual_seed(seed + t)
-    for w in params:
-        w.grad = (scale * torch.randn(w.shape, generator=g)).to(w.dtype)
-
-
-def flat(w):
-    return w.detach().reshape(-1)
-
-
-def snapshot(params):
-    return [flat(w).clone() for w in params]
-
-
-def assert_same(a, b, path="state"):
-    """Bitwise and dtype-exact equality of nested (state_dict-like) structures."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a} vs {b}"
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
-        for key in a:
-            assert_same(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
-def through_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+from optim_testing import assert_same, flat, make_params, set_grads, snapshot, through_bytes
 
 
 # ----------------------------------------------------------------------------- item 1

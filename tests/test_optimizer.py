@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from gmixout_optim import GMixoutOptimizer
+from optim_testing import flat, make_params, set_grads, snapshot
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -44,25 +45,6 @@ def support_mask(opt, w):
     m = torch.zeros(w.numel(), dtype=torch.bool)
     m[live_support(opt, w)] = True
     return m
-
-
-def make_params(shapes, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-
-
-def set_grads(params, t, seed=1000, scale=1.0):
-    g = torch.Generator().manual_seed(seed + t)
-    for w in params:
-        w.grad = (scale * torch.randn(w.shape, generator=g)).to(w.dtype)
-
-
-def flat(w):
-    return w.detach().reshape(-1)
-
-
-def snapshot(params):
-    return [flat(w).clone() for w in params]
 
 
 # ----------------------------------------------------------------------------- engine shape

@@ -2,7 +2,6 @@
 bitwise equal to the uninterrupted one (CPU), and every state tensor keeps its dtype
 (support indices stay integers, the residual stays fp32, a 16-bit anchor stays 16-bit)."""
 import copy
-import io
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmixout_optim import GMixoutOptimizer
+from optim_testing import assert_same, through_bytes
 
 K, STOP, TOTAL = 4, 6, 13  # stop at episode 1, step 2; continue across two more boundaries
 INNERS = {
@@ -43,30 +43,6 @@ def train(model, opt, steps, dtype):
         opt.zero_grad()
         F.cross_entropy(model(x).float(), y).backward()
         opt.step()
-
-
-def assert_same(a, b, path="state"):
-    """Bitwise and dtype-exact equality of nested checkpoint structures."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype, f"{path}: {a.dtype} vs {getattr(b, 'dtype', b)}"
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
-        for key in a:
-            assert_same(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert type(a) is type(b) and a == b, f"{path}: {a!r} vs {b!r}"
-
-
-def through_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)  # what torch.load does by default
 
 
 def check_dtypes(opt, model, dtype):

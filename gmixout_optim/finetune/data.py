@@ -95,15 +95,9 @@ def _mnist_subset() -> tuple[np.ndarray, np.ndarray]:
 
 def load_mnist_splits(seed: int = 0, n_val: int = 500, n_test: int = 1000) -> dict:
     """Stratified train/val/test split of the 5000-image MNIST subset; values are (images, labels)."""
-    from sklearn.model_selection import train_test_split
+    from .datasets import split  # the registry's split, shared by every embedded data set
 
-    x, y = _mnist_subset()
-    if n_val < 10 or n_test < 10 or n_val + n_test > len(y) - 10:
-        raise ValueError(f"n_val={n_val}, n_test={n_test}: each must be >= 10 and leave >= 10 of {len(y)} for training")
-    idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=seed)
-    train, val = train_test_split(rest, test_size=n_val, stratify=y[rest], random_state=seed + 1)
-    return {k: (x[np.sort(i)], y[np.sort(i)]) for k, i in (("train", train), ("val", val), ("test", test))}
+    return split(*_mnist_subset(), seed, n_val, n_test)
 
 
 def load_digits_mnist_format() -> tuple[np.ndarray, np.ndarray]:

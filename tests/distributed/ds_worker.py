@@ -126,28 +126,48 @@ def run_train(name: str, cfg: dict, route: str, ckpt: str) -> dict:
     return rec, meta
 
 
-def run_crossload(name: str, cfg: dict, src: str) -> dict:
+def load_and_continue(engine, cfg: dict, src: str) -> dict:
+    """Load tag "consolidated" of checkpoint folder ``src`` into a fresh ``engine``, record
+    "loaded", train EXTRA more steps, record "continued"; the engine is destroyed after."""
     rec = {}
-    engine = build(cfg, ROUTE_FOR(name))
     gds.load_checkpoint(engine, src, "consolidated")
     rec["loaded"] = full_weights(engine, cfg)
     train(engine, cfg, C.STEPS, C.STEPS + C.EXTRA)
     rec["continued"] = full_weights(engine, cfg)
     engine.destroy()
-    return rec, {}
+    return rec
+
+
+def run_crossload(name: str, cfg: dict, src: str) -> tuple[dict, dict]:
+    return load_and_continue(build(cfg, ROUTE_FOR(name)), cfg, src), {}
 
 
 def ROUTE_FOR(name: str) -> str:
     return C.ROUTES.get(name, "config")
 
 
-def main() -> None:
+def start() -> tuple[dict, str, int]:
+    """Read SPEC.json and OUT_DIR from the command line, register GMixout, join the gloo
+    group: (spec, out_dir, world size)."""
     spec_path, out = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
         spec = json.load(f)
     gds.register()
     deepspeed.init_distributed(dist_backend="gloo")
-    world = dist.get_world_size()
+    return spec, out, dist.get_world_size()
+
+
+def write_record(out: str, kind: str, name: str, world: int, rec: dict, meta: dict) -> None:
+    """Rank 0 writes OUT_DIR/<kind>_<name>_w<world>.pt (rec) and .json (meta); every rank waits."""
+    if dist.get_rank() == 0:
+        torch.save(rec, os.path.join(out, f"{kind}_{name}_w{world}.pt"))
+        with open(os.path.join(out, f"{kind}_{name}_w{world}.json"), "w") as f:
+            json.dump(meta, f)
+    dist.barrier()
+
+
+def main() -> None:
+    spec, out, world = start()
     configs = C.scenario_configs(world)
     jobs = [(n, "train", None) for n in spec.get("train", [])]
     jobs += [(n, "crossload", src) for n, src in spec.get("crossload", {}).items()]
@@ -159,11 +179,7 @@ def main() -> None:
         else:
             rec, meta = run_crossload(name, configs[name], src)
         meta["seconds"] = time.time() - t0
-        if dist.get_rank() == 0:
-            torch.save(rec, os.path.join(out, f"{kind}_{name}_w{world}.pt"))
-            with open(os.path.join(out, f"{kind}_{name}_w{world}.json"), "w") as f:
-                json.dump(meta, f)
-        dist.barrier()
+        write_record(out, kind, name, world, rec, meta)
     dist.destroy_process_group()  # a clean exit: no rank tears down gloo under another
 
 

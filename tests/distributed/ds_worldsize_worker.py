@@ -17,7 +17,6 @@ Rank 0 writes OUT_DIR/<kind>_<name>_w<N>.pt and .json.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -30,7 +29,7 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import ds_common as C  # noqa: E402
-from ds_worker import full_weights, train  # noqa: E402
+from ds_worker import full_weights, load_and_continue, start, train, write_record  # noqa: E402
 from gmixout_optim.integrations import deepspeed as gds  # noqa: E402
 
 
@@ -64,14 +63,7 @@ def run_save(name: str, cfg: dict, ckpt: str) -> tuple[dict, dict]:
 def run_load(name: str, cfg: dict, src: str) -> tuple[dict, dict]:
     # No try/except: a rank that fails alone would leave the others waiting in a collective;
     # an error ends the launch, which the test reports with its traceback.
-    rec = {}
-    engine = build(cfg)
-    gds.load_checkpoint(engine, src, "consolidated")
-    rec["loaded"] = full_weights(engine, cfg)
-    train(engine, cfg, C.STEPS, C.STEPS + C.EXTRA)
-    rec["continued"] = full_weights(engine, cfg)
-    engine.destroy()
-    return rec, {}
+    return load_and_continue(build(cfg), cfg, src), {}
 
 
 def run_stage0_bf16(world: int) -> tuple[dict, dict]:
@@ -93,12 +85,7 @@ def run_stage0_bf16(world: int) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    spec_path, out = sys.argv[1], sys.argv[2]
-    with open(spec_path) as f:
-        spec = json.load(f)
-    gds.register()
-    deepspeed.init_distributed(dist_backend="gloo")
-    world = dist.get_world_size()
+    spec, out, world = start()
     configs = clean_loss_scenarios(world)
     jobs = [(n, "save", None) for n in spec.get("save", [])]
     jobs += [(n, "load", src) for n, src in spec.get("load", {}).items()]
@@ -111,11 +98,7 @@ def main() -> None:
             rec, meta = run_load(name, configs[name], src)
         else:
             rec, meta = run_stage0_bf16(world)
-        if dist.get_rank() == 0:
-            torch.save(rec, os.path.join(out, f"{kind}_{name}_w{world}.pt"))
-            with open(os.path.join(out, f"{kind}_{name}_w{world}.json"), "w") as f:
-                json.dump(meta, f)
-        dist.barrier()
+        write_record(out, kind, name, world, rec, meta)
     dist.destroy_process_group()
 
 
