@@ -68,12 +68,6 @@ def load_splits(name: str, seed: int = 0, n_val: int = 500, n_test: int = 1000) 
     return split(*pool(name), seed, n_val, n_test)
 
 
-def pad_to_32(images: np.ndarray) -> np.ndarray:
-    """Zero-pad (N, h, w) images symmetrically to (N, 32, 32)."""
-    dh, dw = 32 - images.shape[1], 32 - images.shape[2]
-    return np.pad(images, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)))
-
-
 def default_test_sets(name: str) -> list:
     """ID test, the data set's natural shifts, and the harness's 9 corruptions at severity 3."""
     from ..data import DEMO_CORRUPTIONS

@@ -20,7 +20,7 @@ import pickle
 
 import numpy as np
 
-from . import pad_to_32
+from ..data import _pad_to_side
 
 NAME = "animal_mnist"
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -73,7 +73,7 @@ def load_pool():
     # The package stores the images class by class; a fixed shuffle makes every split's prefix
     # (data.test_limit keeps the first N images) class-mixed.
     order = np.random.default_rng(0).permutation(len(y))
-    return pad_to_32(x[order]), y[order].astype(np.int64)
+    return _pad_to_side(x[order]), y[order].astype(np.int64)
 
 
 def outline(test_x: np.ndarray, test_y: np.ndarray):
