@@ -27,7 +27,7 @@ from .kernels import support_capacity
 from .sharding import flat, local, memory_positions
 
 __all__ = ["COMPACT_KEYS", "SUPPORT_SIZE", "GRAD", "capacity", "per_element_keys", "ensure_buffers",
-           "ensure_grad_buffer", "drop_compact", "support_indices", "positions", "anchor"]
+           "ensure_grad_buffer", "drop_compact", "positions", "anchor"]
 
 # A GMixout tensor's per-episode buffers; consolidate()/finalize() drop them.
 COMPACT_KEYS = ("support", "residual", "anchor")
@@ -89,11 +89,6 @@ def drop_compact(state: dict, st: dict) -> None:
         state.pop(st["residual"], None)
     for key in COMPACT_KEYS + (SUPPORT_SIZE, POSITIONS, GRAD, GRAD_STATUS):
         st.pop(key, None)
-
-
-def support_indices(st: dict) -> torch.Tensor:
-    """The used support slots as int64 local (row-major) indices."""
-    return st["support"][: st[SUPPORT_SIZE]].long()
 
 
 def positions(w: torch.Tensor, st: dict) -> torch.Tensor:
