@@ -166,8 +166,6 @@ def is_embedded(data_cfg: dict) -> bool:
 
 def load_splits(dataset: str = "mnist", seed: int = 0, n_val: int = 500, n_test: int = 1000) -> dict:
     """train / val / test of a registered data set (for mnist the same arrays as ``load_mnist_splits``)."""
-    if dataset == "mnist":
-        return load_mnist_splits(seed, n_val, n_test)
     from . import datasets
     return datasets.load_splits(dataset, seed, n_val, n_test)
 
