@@ -16,8 +16,9 @@ Per seed and precision: the model is built by the fine-tune harness, cast to the
 forward under bf16 autocast; the loss is taken on fp32 logits), trained
 with the harness's GMixout method (``make_method("gmixout")``) and schedule (``lr_factor``),
 finalized, then cast to fp32 (exact for bf16 values) so that BatchNorm re-estimation (10 ID
-training batches, as ``train.recalibrate_bn``) and scoring run in the same arithmetic for both
-precisions: the difference measured is that of training and storing the weights in bf16.
+training batches, the harness's ``train._Tools.recalibrate_bn``) and scoring run in the same
+arithmetic for both precisions: the difference measured is that of training and storing the
+weights in bf16.
 
 Run: python benchmarks/bf16_masterless.py [--seeds 0 1 2] [--precisions fp32 bf16 bf16_matrices] [--steps 300]
 Writes benchmarks/results/bf16_masterless.json and prints ID / mean OOD per seed.
@@ -46,7 +47,7 @@ from gmixout_optim.finetune.evaluate import evaluate_sets, load_test_tensors  # 
 from gmixout_optim.finetune.experiment import validate  # noqa: E402
 from gmixout_optim.finetune.methods import make_method  # noqa: E402
 from gmixout_optim.finetune.models import build_model  # noqa: E402
-from gmixout_optim.finetune.train import id_data_source, lr_factor  # noqa: E402
+from gmixout_optim.finetune.train import _Tools, id_data_source, lr_factor  # noqa: E402
 
 # fp32: everything fp32. bf16: every parameter and buffer bf16. bf16_matrices: the GMixout
 # tensors (Conv/Linear weights outside the head) bf16, the small dense tensors (norms, biases,
@@ -54,20 +55,6 @@ from gmixout_optim.finetune.train import id_data_source, lr_factor  # noqa: E402
 # tensor drops every update below half an ulp (a BatchNorm weight near 1 has ulp 2**-7, far
 # above lr 1e-3), which GMixout's fp32 residual avoids for its own tensors only.
 PRECISIONS = ("fp32", "bf16", "bf16_matrices")
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches, n_batches: int) -> None:
-    """BatchNorm statistics re-estimated as a cumulative average over ``n_batches`` ID batches
-    (what the harness's ``train.recalibrate_bn`` does for every method)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for _ in range(n_batches):
-        model(batches.next()[0])
-    model.eval()
 
 
 def train_one(cfg: dict, precision: str, seed: int, steps: int) -> tuple[nn.Module, dict]:
@@ -106,7 +93,8 @@ def train_one(cfg: dict, precision: str, seed: int, steps: int) -> tuple[nn.Modu
         losses.append(loss.item())
     final = method.finish(net, None).float()
     wall = time.perf_counter() - t0
-    recalibrate_bn(final, batches, int(cfg["train"].get("bn_batches", 10)))
+    # the harness's BN re-estimation: a cumulative average over bn_batches ID training batches
+    _Tools(None, batches, int(cfg["train"].get("bn_batches", 10))).recalibrate_bn(final)
     return final, {"train_wall_s": wall, "final_loss_mean_last10": statistics.mean(losses[-10:]),
                    "skipped_steps": opt.skipped_steps, "info": info}
 
