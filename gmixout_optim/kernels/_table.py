@@ -67,7 +67,8 @@ class TensorGroup:
     ``1 - p``. ``n`` is the int64 device tensor of support sizes (set it from the grouped
     draw: ``group.n = n``, no host copy). The tables are built here once; build a new group
     when a weight or support buffer is replaced. Per-step tensors (gradients, state) are
-    passed to each op and their pointer tables uploaded then (one async copy per table).
+    passed to each op and their pointer tables uploaded then (one async copy per table,
+    only when an address changed since the last call with that argument).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], supports: Sequence[torch.Tensor],
@@ -98,6 +99,7 @@ class TensorGroup:
         self.keep = upload(self.keeps, torch.float32, self.device)
         self.n = n
         self.cache: dict = {}  # small device constants of the ops (hyperparameters), by value
+        self._tables: dict = {}  # name -> (data_ptrs, device table): the last table of each argument
 
     def __len__(self) -> int:
         return len(self.params)
@@ -128,4 +130,9 @@ class TensorGroup:
                 raise ValueError(f"{name}[{t}] is {x.dtype}, expected {dtype}")
             if numel is not None and x.numel() < numel(t):
                 raise ValueError(f"{name}[{t}] has {x.numel()} elements, needs {numel(t)}")
-        return pointers(tensors, self.device)
+        # the state buffers are the same tensors step after step: upload only when an address changed
+        ptrs = tuple(0 if x is None else x.data_ptr() for x in tensors)
+        last = self._tables.get(name)
+        if last is None or last[0] != ptrs:
+            last = self._tables[name] = (ptrs, upload(ptrs, torch.int64, self.device))
+        return last[1]
