@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .episode import open_episode
-from .sharding import agrees_alone, flat_grad, is_dtensor, local, sync_group
+from .sharding import agrees_alone, flat_grad, is_dtensor, local, sync_group, vote_device
 from .state import GRAD, GRAD_STATUS, SUPPORT_SIZE, ensure_grad_buffer, positions
 from .step import collect as collect_grads
 from .step import kernels_for
@@ -204,9 +204,9 @@ def total_norm(grads: list[torch.Tensor], norm_type: float, sync: Any, foreach: 
         return total
     import torch.distributed as dist
 
-    device = total.device
-    if "nccl" in str(dist.get_backend(sync)) and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = vote_device(sync)  # the GPU under NCCL; otherwise where the norm is
+    if device.type == "cpu":
+        device = total.device
     if math.isinf(norm_type):
         out = total.to(device, torch.float32)
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=sync)
