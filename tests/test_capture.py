@@ -103,10 +103,7 @@ def test_zero_grad_clears_captured_gradients(set_to_none):
     loss_of(model_a, 0, 0, 1, torch.float32).backward()
     opt_a.step()
 
-    model_b = make_model()
-    opt_b = make_opt(model_b, capture=False)
-    loss_of(model_b, 0, 0, 1, torch.float32).backward()
-    opt_b.step()
+    model_b, _ = train(torch.float32, capture=False, steps=1)
     assert_same(model_a, model_b, f"zero_grad(set_to_none={set_to_none}) then backward vs backward alone")
 
 
@@ -278,10 +275,7 @@ def test_a_rebuilt_optimizer_takes_the_captured_gradients():
     loss_of(model, 0, 0, 1, torch.float32).backward()
     second.step()
 
-    ref = make_model()
-    opt_ref = make_opt(ref, capture=False)
-    loss_of(ref, 0, 0, 1, torch.float32).backward()
-    opt_ref.step()
+    ref, _ = train(torch.float32, capture=False, steps=1)
     assert_same(model, ref, "the newest capturing optimizer")
     assert all(not st for st in first.state.values()), "the replaced optimizer still captured"
 
