@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from gmixout_optim import GMixoutOptimizer, gmixout_param_groups, hparams
+from gmixout_optim import GMixoutOptimizer, find_gmixout, gmixout_param_groups, hparams
 
 __all__ = ["TESTED_TRANSFORMERS", "TrainerGMixout", "GMixoutCallback", "gmixout_optimizers", "unwrap_optimizer"]
 
@@ -96,12 +96,12 @@ def _refuse_in_eval(opt: TrainerGMixout, what: str) -> None:
 
 
 def unwrap_optimizer(optimizer: Any) -> GMixoutOptimizer:
-    """The ``GMixoutOptimizer`` inside what the Trainer holds (Accelerate wraps it)."""
-    seen = optimizer
-    for _ in range(4):
-        if isinstance(seen, GMixoutOptimizer):
-            return seen
-        seen = getattr(seen, "optimizer", None)
+    """The ``GMixoutOptimizer`` inside what the Trainer holds (Accelerate wraps it):
+    :func:`gmixout_optim.find_gmixout`, with the Trainer's hint when there is none."""
+    try:
+        return find_gmixout(optimizer)
+    except TypeError:
+        pass
     raise TypeError(f"the Trainer's optimizer is {type(optimizer).__name__}, with no GMixoutOptimizer inside: "
                     "pass optimizers=gmixout_optimizers(model, args, ...) to the Trainer")
 
