@@ -51,7 +51,7 @@ def summarize(result: dict) -> list[dict]:
         row["id"] = _ms(100 * r["test"][ID_SET] for r in recs) if ID_SET in recs[0]["test"] else (float("nan"), 0.0)
         for n in ood_names:
             row[n] = _ms(100 * r["test"][n] for r in recs)
-        row["mean_ood"] = _ms(100 * statistics.fmean(r["test"][n] for n in ood_names) for r in recs) if ood_names \
+        row["mean_ood"] = _ms(100 * stats.mean_ood(r, ood_names) for r in recs) if ood_names \
             else (float("nan"), 0.0)
         row["val"] = _ms(100 * r["val"] for r in recs)
         row["wall_s"] = _ms(r["train_wall_s"] for r in recs)
