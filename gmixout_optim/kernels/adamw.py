@@ -291,8 +291,12 @@ def fused_adamw_step_grouped_triton(group: TensorGroup, grads, residuals, exp_av
     if found_inf is not None:
         steps.sub_(found_inf)
         note("launch", "adamw")
-    if not torch.is_tensor(lr):
-        lr = upload([lr], torch.float64, group.device)
+    if not torch.is_tensor(lr):  # uploaded when it changes (by bits: -0.0 is not 0.0), not every step
+        key = float(lr).hex()
+        last = group.cache.get("adamw_lr")
+        if last is None or last[0] != key:
+            last = group.cache["adamw_lr"] = (key, upload([lr], torch.float64, group.device))
+        lr = last[1]
     # constant across steps: uploaded once per group and value, not every step
     key = ("adamw_hp64", float(beta1), float(beta2), float(weight_decay))
     hp64 = group.cache.get(key)
