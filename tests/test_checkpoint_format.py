@@ -19,6 +19,7 @@ import torch
 
 from gmixout_optim import GMixoutOptimizer
 from gmixout_optim import checkpoint
+from optim_testing import set_grads
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state_format1.pt"
 FP32_DRIFT = 2.4e-6  # see the module docstring
@@ -43,9 +44,7 @@ def _opt(ps):
 
 def _train(opt, ps, steps):
     for t in steps:
-        g = torch.Generator().manual_seed(100 + t)
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        set_grads(ps, t, seed=100)
         opt.step()
 
 
