@@ -181,7 +181,7 @@ def scale(st: dict, keep: float) -> torch.Tensor:
     ``/ keep`` in place (the division the gather does); returns the buffer."""
     buf = st[GRAD]
     n = st[SUPPORT_SIZE]
-    buf[:n] = buf[:n] / keep
+    buf[:n].div_(keep)
     st[GRAD_STATUS] = SCALED
     return buf
 
