@@ -37,6 +37,12 @@ def pointers(tensors: Sequence[torch.Tensor | None], device) -> torch.Tensor:
     return upload([0 if t is None else t.data_ptr() for t in tensors], torch.int64, device)
 
 
+def check_anchors(anchors: Sequence[torch.Tensor | None]) -> None:
+    """The grouped ops take an anchor for every tensor (16-bit weights) or for none (fp32)."""
+    if any(a is None for a in anchors) != all(a is None for a in anchors):
+        raise ValueError("anchors must be given for every tensor of a group or for none")
+
+
 class SlotBlocks:
     """Block table over the support slots ``[0, capacity_t)`` of tensors ``t = 0..T-1``.
 

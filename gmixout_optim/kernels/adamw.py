@@ -28,7 +28,7 @@ import torch
 
 from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype, tl_type
 from ._dispatch import HAS_TRITON, check_flat, check_n, check_vec, note, tl, triton, use_triton
-from ._table import TensorGroup, upload
+from ._table import TensorGroup, check_anchors, upload
 from .gather import check_flag
 
 
@@ -243,13 +243,12 @@ def fused_adamw_step(param_flat, grad_flat, support, n, residual, exp_avg, exp_a
          compact_grad=compact_grad, found_inf=found_inf)
 
 
-def _grouped_check(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps, compact_grads, found_inf):
+def _grouped_check(group, anchors, steps, found_inf):
     check_flag(found_inf)
     if steps.dtype != torch.float32 or steps.numel() != len(group):
         raise ValueError(f"steps must be fp32 with one count per tensor ({len(group)}), got {steps.dtype} "
                          f"of {steps.numel()}")
-    if any(a is None for a in anchors) != all(a is None for a in anchors):
-        raise ValueError("anchors must be given for every tensor of a group or for none")
+    check_anchors(anchors)
 
 
 def fused_adamw_step_grouped_torch(group: TensorGroup, grads, residuals, exp_avgs, exp_avg_sqs, anchors, *,
@@ -257,7 +256,7 @@ def fused_adamw_step_grouped_torch(group: TensorGroup, grads, residuals, exp_avg
                                    compact_grads=None, found_inf=None):
     """Reference of the grouped step: ``steps += 1 - found_inf``, then
     :func:`fused_adamw_step_torch` per tensor."""
-    _grouped_check(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps, compact_grads, found_inf)
+    _grouped_check(group, anchors, steps, found_inf)
     steps.add_(1)
     if found_inf is not None:
         steps.sub_(found_inf)
@@ -275,7 +274,7 @@ def fused_adamw_step_grouped_triton(group: TensorGroup, grads, residuals, exp_av
                                     steps, lr, beta1, beta2, eps, weight_decay, decoupled,
                                     compact_grads=None, found_inf=None):
     """One launch for every tensor of ``group``; step counts, lr and sizes read on the device."""
-    _grouped_check(group, grads, residuals, exp_avgs, exp_avg_sqs, anchors, steps, compact_grads, found_inf)
+    _grouped_check(group, anchors, steps, found_inf)
     caps = lambda t: group.capacities[t]  # noqa: E731
     state = [group.table(x, name, caps, torch.float32)
              for x, name in ((residuals, "residuals"), (exp_avgs, "exp_avgs"), (exp_avg_sqs, "exp_avg_sqs"))]

@@ -11,7 +11,7 @@ import torch
 
 from ._common import cast_to, compute_dtype, grid, launch, scatter_, tl_dtype, tl_type
 from ._dispatch import HAS_TRITON, check_vec, note, tl, triton, use_triton
-from ._table import TensorGroup, upload
+from ._table import TensorGroup, check_anchors, upload
 from .write import _check as _check_write
 
 
@@ -95,8 +95,7 @@ def merge_episode_grouped_torch(group: TensorGroup, residuals, anchors, coeffs):
 
 def merge_episode_grouped_triton(group: TensorGroup, residuals, anchors, coeffs):
     """``w_t[S_t] = A_t + coeff_t * v_t`` for every tensor in one launch."""
-    if any(a is None for a in anchors) != all(a is None for a in anchors):
-        raise ValueError("anchors must be given for every tensor of a group or for none")
+    check_anchors(anchors)
     caps = lambda t: group.capacities[t]  # noqa: E731
     res_tab = group.table(residuals, "residuals", caps, torch.float32)
     has_anchor = anchors[0] is not None
