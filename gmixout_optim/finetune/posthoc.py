@@ -95,24 +95,23 @@ class _Scorer:
     """ID-val accuracy of a state dict (after BN re-estimation when the config asks for it), one seed."""
 
     def __init__(self, cfg, model, info, seed):
-        from .train import _Tools, id_data_source
+        from .train import id_data_source
 
         self.cfg, self.model, self.info, self.seed = cfg, model, info, seed
         self.batches, self.val_accuracy = id_data_source(cfg, model, info, seed)
         self.recal = bool(cfg["train"].get("recalibrate_bn"))
         self.bn_batches = int(cfg["train"].get("bn_batches", 10))
-        self._tools = _Tools
 
     def load(self, sd: dict):
         self.model.load_state_dict(sd)
         if self.recal:  # a fresh stream per model: the same batches as train.recalibrate_saved_run draws
             from .data import TensorBatches
-            from .train import id_data_source
+            from .train import _Tools, id_data_source
 
             b = self.batches
             fresh = TensorBatches(b.x, b.y, b.batch_size, self.seed, b.augment) if hasattr(b, "x") \
                 else id_data_source(self.cfg, self.model, self.info, self.seed)[0]
-            self._tools(self.val_accuracy, fresh, self.bn_batches).recalibrate_bn(self.model)
+            _Tools(self.val_accuracy, fresh, self.bn_batches).recalibrate_bn(self.model)
         return self.model
 
     def __call__(self, sd: dict) -> float:
