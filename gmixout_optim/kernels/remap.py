@@ -19,8 +19,9 @@ from typing import Sequence
 
 import torch
 
+from ._common import launch
 from ._dispatch import HAS_TRITON, note, tl, triton, use_triton
-from ._table import SlotBlocks, pointers
+from ._table import SlotBlocks, pointers, upload
 
 
 def remap_state_torch(old_support, old_n, new_support, new_n, values: Sequence[torch.Tensor],
@@ -45,16 +46,12 @@ class RemapPlan:
     layout, tensor ``t`` at ``offsets[t]``) and ``K`` state buffers per tensor."""
 
     def __init__(self, capacities: Sequence[int], device, block: int | None = None):
-        from ._common import launch
-
         self.device = torch.device(device)
         self.capacities = [int(c) for c in capacities]
         self.offsets = [0]
         for c in self.capacities:
             self.offsets.append(self.offsets[-1] + c)
         self.blocks = SlotBlocks(self.capacities, block or launch("remap")[0], self.device)
-        from ._table import upload
-
         self.offset = upload(self.offsets[:-1], torch.int64, self.device)
 
 
@@ -123,8 +120,6 @@ if HAS_TRITON:
 
 def remap_state_grouped_triton(plan: RemapPlan, old_flat, old_n, new_flat, new_n, src, dst):
     """Triton grouped remap: one launch for every tensor and state buffer (see the module docstring)."""
-    from ._common import launch
-
     k = len(src)
     if k == 0 or not plan.blocks.num_blocks:
         return
