@@ -194,14 +194,11 @@ def test_soups_need_the_full_ft_grid():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    import yaml
-
-    from gmixout_optim.finetune.experiment import DEFAULT_CONFIG, merge_config, run_experiment
+    from gmixout_optim.finetune.cli import load_config
+    from gmixout_optim.finetune.experiment import run_experiment
 
     torch.set_num_threads(1)
-    root = os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "compare_v2_smoke.yaml")
-    with open(root) as f:
-        cfg = merge_config(DEFAULT_CONFIG, yaml.safe_load(f))
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "compare_v2_smoke.yaml"))
     out = tmp_path_factory.mktemp("v2")
     cfg["output_dir"], cfg["work_dir"] = str(out), str(out / "work")
     return run_experiment(cfg), out
