@@ -30,9 +30,6 @@ LAUNCH = {
 # The interpreter costs ~10 ms a program whatever its size, so it gets big blocks (the tests'
 # "block plus one" sizes are built around this figure).
 INTERPRET_BLOCK = 16384
-# Kept for callers of the first version: the elementwise kernels' settings.
-BLOCK = INTERPRET_BLOCK if INTERPRET else LAUNCH["gather"][0]
-NUM_WARPS = LAUNCH["gather"][1]
 
 
 def launch(op: str) -> tuple[int, int]:
@@ -66,7 +63,7 @@ def scatter_(param_flat: torch.Tensor, support_n: torch.Tensor, values: torch.Te
     param_flat.index_copy_(0, support_n.long(), values.to(param_flat.dtype))
 
 
-def grid(count: int, block: int = BLOCK) -> tuple[int]:
+def grid(count: int, block: int) -> tuple[int]:
     return ((count + block - 1) // block,)
 
 
