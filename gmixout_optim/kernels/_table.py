@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from . import _dispatch
+from ._common import launch
+from ._dispatch import check_flat, note
 
 
 def upload(values: Sequence, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -26,7 +27,7 @@ def upload(values: Sequence, dtype: torch.dtype, device: torch.device | str) -> 
     t = torch.tensor(list(values), dtype=dtype)
     if device.type == "cpu":
         return t
-    _dispatch.note("upload", "copy")
+    note("upload", "copy")
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
@@ -79,9 +80,6 @@ class TensorGroup:
 
     def __init__(self, params: Sequence[torch.Tensor], supports: Sequence[torch.Tensor],
                  keeps: Sequence[float], n: torch.Tensor | None = None):
-        from ._common import launch
-        from ._dispatch import check_flat
-
         if not (len(params) == len(supports) == len(keeps)):
             raise ValueError(f"one support and keep per tensor: {len(params)} params, "
                              f"{len(supports)} supports, {len(keeps)} keeps")
@@ -112,8 +110,6 @@ class TensorGroup:
 
     def sizes(self) -> list[int]:
         """The support sizes on the host (a sync: for the PyTorch reference path)."""
-        from ._dispatch import note
-
         if self.n is None:
             raise ValueError("group.n (the support sizes) is not set")
         note("sync", "group_sizes")
@@ -122,8 +118,6 @@ class TensorGroup:
     def table(self, tensors: Sequence[torch.Tensor | None], name: str, numel=None, dtype=None) -> torch.Tensor:
         """Pointer table of one per-tensor argument, checked: flat, one dtype (``dtype`` if
         given: the kernel reads every entry as that type), ``numel(t)`` elements at least."""
-        from ._dispatch import check_flat
-
         if len(tensors) != len(self):
             raise ValueError(f"{name}: {len(tensors)} tensors for a group of {len(self)}")
         for t, x in enumerate(tensors):
