@@ -174,6 +174,10 @@ def train(args, accelerator=None) -> dict:
         ds.finalize(model)
     else:
         core.finalize()
+    # Every rank leaves the process group together: a rank exiting with gloo (or DeepSpeed's
+    # shared-memory comm) still live under another aborted at interpreter exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return {"weights": weights, "summary": summary, "main": accelerator.is_main_process}
 
 

@@ -118,6 +118,15 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return _pad_to_side(imgs), d.target.astype(np.int64)
 
 
+def digits_style_lowres(images: np.ndarray) -> np.ndarray:
+    """(N, 32, 32) uint8 block-averaged to 8x8 (4x4 blocks), 17 grey levels as sklearn's digits, back to 32x32."""
+    n = len(images)
+    small = images.reshape(n, 8, 4, 8, 4).astype(np.float64).mean(axis=(2, 4))
+    small = np.round(small / 255.0 * 16.0) / 16.0 * 255.0
+    big = np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)  # nearest: the model resizes bilinearly itself
+    return np.clip(np.round(big), 0, 255).astype(np.uint8)
+
+
 def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
     """Apply one corruption to (N, 32, 32) uint8 images; returns (N, 32, 32, 3) uint8 (RGB).
 

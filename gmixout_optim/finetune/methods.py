@@ -31,7 +31,8 @@ architecture as the input, no wrappers) that is saved and evaluated.
   harness's ``recalibrate_bn`` draws, so that step leaves them unchanged).
 - ``lp_ft``: LP-FT (Kumar et al. 2022): the linear probe above, then full fine-tuning as ``full_ft``.
 - ``zero_shot``: no training at all: the pretrained model with its head mapped from the
-  pretrained classes (``model_kwargs: {imagenet_head: DATASET}`` or a ``clip:`` model).
+  pretrained classes (``model_kwargs: {imagenet_head: DATASET}``, a ``clip:`` model, or
+  ``efficientnet_lite0_robust``'s own digit head).
 
 Soups and WiSE-FT at a fixed alpha are built after training from ``full_ft`` runs
 (``posthoc.py``), not trained.
@@ -328,9 +329,10 @@ class ZeroShotMethod(_NoSteps):
     name = "zero_shot"
 
     def prepare(self, model, tools):
-        if not getattr(model, "head_init", "").startswith(("imagenet:", "clip_zero_shot")):
+        if not getattr(model, "head_init", "").startswith(("imagenet:", "clip_zero_shot", "pretrained:")):
             raise ValueError("method 'zero_shot' needs a head mapped from the pretrained classes: set "
-                             "model_kwargs: {imagenet_head: DATASET} (efficientnet_lite0) or use a clip: model; "
+                             "model_kwargs: {imagenet_head: DATASET} (efficientnet_lite0), use a clip: model "
+                             "or efficientnet_lite0_robust; "
                              f"this model's head is {getattr(model, 'head_init', 'new (random)')!r}")
 
 

@@ -8,6 +8,9 @@ Names:
   ``model_kwargs: {imagenet_head: DATASET}`` the head instead starts from the ImageNet head's
   rows of the classes that DATASET's module maps (``IMAGENET_ROWS``; the mean of a class's rows,
   the mean of all 1000 for a class with none): the analogue of CLIP's zero-shot head.
+- ``efficientnet_lite0_robust``: the controlled benchmark's "pretrained" model, the packaged
+  Lite0 made robust on corrupted digits, with its 10-digit head (``robust_pretrain.py``; built
+  once, cached; ``model_kwargs`` override its recipe).
 - ``clip:NAME``: an open_clip vision encoder with a zero-shot head from class-name prompts
   (``gmixout_optim.finetune.clip.build_clip_classifier``); weights from ``pretrained_path``.
 - ``vit:NAME``: a timm ViT (``gmixout_optim.finetune.clip.build_timm_vit``).
@@ -23,7 +26,7 @@ from torch import nn
 # Input normalisation per family (mean, std per channel, after x/255).
 _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-MODEL_NAMES_HELP = "'efficientnet_lite0', 'clip:NAME' (open_clip model name), 'vit:NAME' (timm model name) or 'tiny_cnn'"
+MODEL_NAMES_HELP = "'efficientnet_lite0', 'efficientnet_lite0_robust', 'clip:NAME' (open_clip model name), 'vit:NAME' (timm model name) or 'tiny_cnn'"
 
 
 @dataclass
@@ -154,6 +157,11 @@ def build_model(name: str, num_classes: int = 10, pretrained_path: str | None = 
         model = build_efficientnet_lite0(num_classes, pretrained_path, head_seed, head_rows=rows)
         model.head_init = f"imagenet:{mapped}" if mapped else "new"  # read by the zero_shot method
         info = ModelInfo(name, ["classifier"], *_HALF)
+    elif name == "efficientnet_lite0_robust":
+        from . import robust_pretrain
+        if num_classes != 10:
+            raise ValueError(f"efficientnet_lite0_robust has a 10-digit head, num_classes is {num_classes}")
+        model, info = robust_pretrain.build(model_kwargs), ModelInfo(name, ["classifier"], *_HALF)
     elif name == "tiny_cnn":
         torch.manual_seed(head_seed)
         model, info = TinyCNN(num_classes), ModelInfo(name, ["classifier"], *_HALF)

@@ -174,6 +174,9 @@ def train_run(cfg: dict, method_name: str, overrides: dict, seed: int, run_dir: 
         names = list(datasets.get(d.get("dataset", "mnist")).CLASS_NAMES)
     num_classes = len(names) if folder else cfg.get("num_classes", 10)
     device = torch.device(cfg.get("device") or "cpu")
+    if cfg["model"] == "efficientnet_lite0_robust":
+        from . import robust_pretrain
+        robust_pretrain.check_split(d, robust_pretrain.recipe(cfg.get("model_kwargs")))
     model, info = build_model(cfg["model"], num_classes, cfg.get("pretrained"), names, device=device,
                               head_seed=seed, model_kwargs=cfg.get("model_kwargs"))
     batches, val_accuracy = id_data_source(cfg, model, info, seed)

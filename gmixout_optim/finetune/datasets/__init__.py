@@ -24,7 +24,7 @@ import importlib
 
 import numpy as np
 
-_MODULES = {"mnist": "mnist", "animal_mnist": "animal_mnist"}
+_MODULES = {"mnist": "mnist", "animal_mnist": "animal_mnist", "mnist_inverted": "mnist_inverted"}
 NAMES = tuple(_MODULES)
 
 

@@ -20,7 +20,7 @@ import pickle
 
 import numpy as np
 
-from ..data import _pad_to_side
+from ..data import _pad_to_side, digits_style_lowres
 
 NAME = "animal_mnist"
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -85,12 +85,8 @@ def outline(test_x: np.ndarray, test_y: np.ndarray):
 
 
 def lowres(test_x: np.ndarray, test_y: np.ndarray):
-    """The 28x28 content area block-averaged to 8x8 (via 32 -> 8, 4x4 blocks), 17 grey levels, back to 32x32."""
-    n = len(test_x)
-    small = test_x.reshape(n, 8, 4, 8, 4).astype(np.float64).mean(axis=(2, 4))
-    small = np.round(small / 255.0 * 16.0) / 16.0 * 255.0  # 17 levels, as sklearn's digits
-    big = np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)  # nearest: the model resizes bilinearly itself
-    return np.clip(np.round(big), 0, 255).astype(np.uint8), test_y.copy()
+    """The ID test split at sklearn digits' resolution (``data.digits_style_lowres``)."""
+    return digits_style_lowres(test_x), test_y.copy()
 
 
 NATURAL_SHIFTS = {"outline": outline, "lowres": lowres}
