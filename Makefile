@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/gmixout-finetune --config configs/experiments/demo.yaml
 
 compare: $(STAMP)
-	$(BIN)/gmixout-finetune --config configs/experiments/compare.yaml
+	OMP_NUM_THREADS=1 $(BIN)/gmixout-finetune --config configs/experiments/compare_v2_controlled.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
