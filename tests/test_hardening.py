@@ -89,6 +89,7 @@ def test_init_only_step_changes_and_counts_nothing_for_every_torch_optimizer(nam
             for w in params[:2]:
                 assert w in opt.state and "support" in opt.state[w], "the init step lays out GMixout state"
                 assert (opt.state[w]["episode"], opt.state[w]["episode_step"]) == (0, 0)
+                assert torch.all(opt.state[w]["residual"] == 0)
         for t in range(5):
             set_grads(params, t)
             opt.step()
@@ -99,6 +100,12 @@ def test_init_only_step_changes_and_counts_nothing_for_every_torch_optimizer(nam
     for a, b in zip(probed, plain):
         assert torch.equal(a, b), f"{name}: the init step changed the run"
     assert_same(through_bytes(probed_opt.state_dict()), through_bytes(plain_opt.state_dict()))
+    # once state exists, an all-zero-gradient step is an ordinary step and counts
+    for w in probed:
+        w.grad = torch.zeros_like(w)
+    n0 = probed_opt.state[probed[0]]["episode_step"]
+    probed_opt.step()
+    assert probed_opt.state[probed[0]]["episode_step"] == (n0 + 1) % 3
 
 
 # ----------------------------------------------------------------------------- items 3, 4

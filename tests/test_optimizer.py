@@ -430,43 +430,6 @@ def test_empty_groups_are_fine():
     assert len(empty.state) == 0
 
 
-@pytest.mark.parametrize("inner, kw", [("AdamW", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9))])
-def test_all_zero_grad_first_step_is_init_only(inner, kw):
-    """ZeRO-3's init step and DCP's _init_optim_state: state appears, nothing moves or counts."""
-    def run(init):
-        params = make_params([(12, 10), (20,)])
-        opt = GMixoutOptimizer(params, inner=inner, p=0.6, resample_every=2, **kw)
-        if init:
-            for w in params:
-                w.grad = torch.zeros_like(w)
-            before = snapshot(params)
-            opt.step()
-            assert all(w in opt.state for w in params), "the init step must create the state"
-            for w, x in zip(params, before):
-                assert torch.equal(flat(w), x)
-                assert (opt.state[w]["episode"], opt.state[w]["episode_step"]) == (0, 0)
-                assert torch.all(opt.state[w]["residual"] == 0)
-        for t in range(5):
-            set_grads(params, t)
-            opt.step()
-        return params, opt
-
-    pa, oa = run(True)
-    pb, ob = run(False)
-    for a, b in zip(pa, pb):
-        assert torch.equal(a, b), "the init step must not change the run"
-        assert oa.state[a]["episode_step"] == ob.state[b]["episode_step"]
-        for key, val in inner_state(oa, a).items():
-            if torch.is_tensor(val):
-                assert torch.equal(val, inner_state(ob, b)[key]), key
-    # once state exists, an all-zero-gradient step is an ordinary step and counts
-    for w in pa:
-        w.grad = torch.zeros_like(w)
-    n0 = oa.state[pa[0]]["episode_step"]
-    oa.step()
-    assert oa.state[pa[0]]["episode_step"] == (n0 + 1) % 2
-
-
 def test_inner_given_by_name_class_factory_or_instance_agree():
     kw = dict(lr=1e-2, weight_decay=0.01)
     makers = [
